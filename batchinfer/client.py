@@ -1,0 +1,273 @@
+"""``BatchInfer``: the facade, and the one place concrete parts are wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from batchinfer.domain import (
+    ApplyReport,
+    Batch,
+    BatchStatus,
+    Completion,
+    CompletionStatus,
+    ResultOutcome,
+)
+from batchinfer.errors import InvalidRequestError, ResultsNotReadyError
+from batchinfer.lifecycle import Lifecycle
+from batchinfer.pricing import Price, Pricing
+from batchinfer.providers.base import Provider
+from batchinfer.storage.store import Store
+from batchinfer.validation import Requests, validate_requests
+
+BatchRef = Batch | uuid.UUID | str
+
+#: Live calls are priced at the full rate.
+_LIVE_RATE = Decimal(1)
+
+
+def _batch_id(batch: BatchRef) -> uuid.UUID:
+    if isinstance(batch, Batch):
+        return batch.id
+    if isinstance(batch, uuid.UUID):
+        return batch
+    try:
+        return uuid.UUID(str(batch))
+    except ValueError:
+        raise InvalidRequestError(f"{batch!r} is not a batch id (a UUID)") from None
+
+
+class BatchInfer:
+    """Batches and their completions, kept in Postgres, sent to provider batch APIs.
+
+    ``database`` is a ``postgresql+asyncpg://`` URL (the engine is created and closed here) or an
+    ``AsyncEngine`` (borrowed, never disposed). Use as ``async with BatchInfer(...) as bi:``.
+    """
+
+    def __init__(
+        self,
+        database: str | AsyncEngine,
+        *,
+        providers: Sequence[Provider],
+        schema: str = "batchinfer",
+        prices: Mapping[str, Price] | None = None,
+        poll_interval: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        apply_chunk_size: int = 1_000,
+        apply_writers: int = 2,
+    ) -> None:
+        if isinstance(database, AsyncEngine):
+            self._engine, self._owns_engine = database, False
+        elif isinstance(database, str):
+            self._engine = create_async_engine(
+                _asyncpg_url(database),
+                json_serializer=lambda v: orjson.dumps(v).decode(),
+                json_deserializer=orjson.loads,
+                pool_size=max(5, apply_writers + 2),
+                pool_pre_ping=True,
+            )
+            self._owns_engine = True
+        else:
+            raise TypeError("database must be a postgresql+asyncpg:// URL or an AsyncEngine")
+        names = [p.name for p in providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two providers share a name: {names}")
+        self.store = Store(self._engine, schema=schema)
+        self._lifecycle = Lifecycle(
+            self.store,
+            {p.name: p for p in providers},
+            Pricing(prices),
+            apply_chunk_size=apply_chunk_size,
+            apply_writers=apply_writers,
+        )
+        self.poll_interval = poll_interval
+        self._sleep = sleep
+
+    async def __aenter__(self) -> BatchInfer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the providers' own HTTP sessions and the engine, if it was created here."""
+        for provider in self._lifecycle.providers.values():
+            await provider.aclose()
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    @property
+    def last_apply_report(self) -> ApplyReport | None:
+        """Counts from the most recent fetch_batch_results pass that read files."""
+        return self._lifecycle.last_report
+
+    async def migrate(self) -> None:
+        """Create or upgrade the schema and tables; idempotent and safe to run concurrently."""
+        await self.store.migrate()
+
+    async def create_batch(
+        self,
+        *,
+        provider: str,
+        endpoint: str,
+        model: str,
+        requests: Requests,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Batch:
+        """Validate every request, then store the batch and its completions in one transaction.
+
+        ``requests`` is a list or (async) iterable of ``{"custom_id", "body", "metadata"?}``.
+        Raises InvalidRequestError naming the first bad request; nothing is written then.
+        """
+        return await self._lifecycle.create(
+            provider=provider, endpoint=endpoint, model=model, requests=requests, metadata=metadata
+        )
+
+    async def submit_batch(self, batch: BatchRef) -> Batch:
+        """Upload the requests and start the provider batch. Only a pending batch is accepted."""
+        return await self._lifecycle.submit(_batch_id(batch))
+
+    async def fetch_batch_status(self, batch: BatchRef) -> BatchStatus:
+        """Ask the provider, record what it says (never undoing a terminal status), return it."""
+        return (await self._lifecycle.refresh(_batch_id(batch))).status
+
+    async def cancel_batch(self, batch: BatchRef) -> BatchStatus:
+        """Ask the provider to cancel; usually returns ``cancelling``."""
+        return (await self._lifecycle.cancel(_batch_id(batch))).status
+
+    async def fetch_batch_results(self, batch: BatchRef) -> Batch:
+        """Apply the output and error files, fail what is in neither, and total the costs.
+
+        Idempotent: a second call, or one after a crash half-way, changes nothing applied.
+        """
+        return await self._lifecycle.fetch_results(_batch_id(batch))
+
+    async def wait(
+        self,
+        batch: BatchRef,
+        *,
+        poll_interval: float | None = None,
+        on_poll: Callable[[Batch], Awaitable[None] | None] | None = None,
+    ) -> Batch:
+        """Poll until the batch is terminal, then fetch its results and return it.
+
+        ``on_poll`` is called with the batch after each poll (for progress reports). To bound
+        the wait, wrap the call in ``asyncio.timeout()``; the batch goes on at the provider.
+        """
+        batch_id = _batch_id(batch)
+        interval = self.poll_interval if poll_interval is None else poll_interval
+        while True:
+            current = await self._lifecycle.refresh(batch_id)
+            if on_poll is not None:
+                result = on_poll(current)
+                if result is not None:
+                    await result
+            if current.is_terminal:
+                try:
+                    return await self._lifecycle.fetch_results(batch_id)
+                except ResultsNotReadyError:
+                    pass
+            await self._sleep(interval)
+
+    async def get_batch(self, batch: BatchRef) -> Batch:
+        return await self.store.get_batch(_batch_id(batch))
+
+    async def list_batches(
+        self, *, status: BatchStatus | str | None = None, limit: int = 50
+    ) -> list[Batch]:
+        """The newest batches first."""
+        wanted = BatchStatus(status) if status is not None else None
+        return await self.store.list_batches(status=wanted, limit=limit)
+
+    async def completions(
+        self, batch: BatchRef, *, status: CompletionStatus | str | None = None
+    ) -> AsyncIterator[Completion]:
+        """Every completion of a batch in request order, read a page at a time."""
+        wanted = CompletionStatus(status) if status is not None else None
+        async for page in self.store.completion_pages(_batch_id(batch), status=wanted):
+            for completion in page:
+                yield completion
+
+    async def summary(self, batch: BatchRef) -> dict[str, Any]:
+        """Counts by status and token totals of a batch's completions."""
+        return await self.store.summary(_batch_id(batch))
+
+    async def complete(
+        self,
+        *,
+        provider: str,
+        endpoint: str,
+        model: str,
+        body: Mapping[str, Any],
+        custom_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Completion:
+        """Send one request to the live endpoint now, store and return it as a Completion.
+
+        The body is checked as a batch request would be and the response goes through the same
+        parser and the same write as batch results; it is priced at the live rate.
+        """
+        adapter = self._lifecycle.provider(provider)
+        cid = custom_id or f"live-{uuid.uuid4()}"
+        checked = [
+            r
+            async for r in _validated_one(
+                cid, body, metadata, endpoint=endpoint, model=model, provider=adapter
+            )
+        ]
+        request = checked[0]
+        completion_id = await self.store.create_live_completion(
+            custom_id=cid, body=orjson.loads(request.body_json), metadata=request.metadata
+        )
+        parsed = await adapter.complete(endpoint, orjson.loads(request.body_json))
+        response_model = parsed.body.get("model")
+        costs = self._lifecycle.pricing.costs(
+            adapter.name,
+            response_model if isinstance(response_model, str) else model,
+            parsed.usage,
+            discount=_LIVE_RATE,
+        )
+        outcome = ResultOutcome(
+            custom_id=cid,
+            status=CompletionStatus.COMPLETED,
+            response=parsed,
+            status_code=200,
+            costs=costs,
+        )
+        await self.store.apply_outcomes(None, [outcome], completion_id=completion_id)
+        return await self.store.get_completion(completion_id)
+
+
+async def _validated_one(
+    custom_id: str,
+    body: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    *,
+    endpoint: str,
+    model: str,
+    provider: Provider,
+) -> AsyncIterator[Any]:
+    request = {"custom_id": custom_id, "body": body, "metadata": metadata or {}}
+    async for r in validate_requests(
+        [request], endpoint=endpoint, model=model, limits=provider.limits
+    ):
+        yield r
+
+
+def _asyncpg_url(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url

@@ -1,0 +1,240 @@
+"""Values that cross every layer: statuses, batches, completions, usage and parsed results.
+
+All are frozen, slotted dataclasses: what the store hands back is a snapshot, never a live row,
+so no lazy load or expired attribute can surprise an async caller.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+JSONObject = dict[str, Any]
+
+
+class BatchStatus(enum.StrEnum):
+    """A batch's status, in OpenAI's vocabulary (``pending`` is ours: not yet submitted)."""
+
+    PENDING = "pending"
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_BATCH_STATUSES
+
+    @property
+    def has_results(self) -> bool:
+        """Terminal statuses whose files may hold paid-for results."""
+        return self in (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+TERMINAL_BATCH_STATUSES = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+
+class CompletionStatus(enum.StrEnum):
+    PENDING = "pending"
+    SUBMITTED = "submitted"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (CompletionStatus.COMPLETED, CompletionStatus.FAILED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestCounts:
+    """Request counts normalised across providers."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Token usage of one response. ``prompt_tokens`` includes ``cached_tokens``;
+    ``completion_tokens`` includes ``reasoning_tokens`` (OpenAI's convention)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Costs:
+    """Money in USD, as Decimal so sums never drift."""
+
+    input: Decimal
+    output: Decimal
+
+    @property
+    def total(self) -> Decimal:
+        return self.input + self.output
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedResponse:
+    """What the realtime path and the batch path both extract from a 2xx response body."""
+
+    body: JSONObject
+    output_text: str | None = None
+    tool_calls: list[JSONObject] | None = None
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultOutcome:
+    """One result envelope, decided: the completion it targets and what it becomes."""
+
+    custom_id: str
+    status: CompletionStatus
+    response: ParsedResponse | None = None
+    status_code: int | None = None
+    provider_request_id: str | None = None
+    failure_error: str | None = None
+    failure_reason: str | None = None
+    costs: Costs | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderBatchError:
+    code: str | None
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderBatch:
+    """A provider's view of a batch, normalised: what retrieve/create/cancel return."""
+
+    id: str
+    status: BatchStatus
+    raw_status: str
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    request_counts: RequestCounts = field(default_factory=RequestCounts)
+    errors: tuple[ProviderBatchError, ...] = ()
+    raw: JSONObject = field(default_factory=dict)
+
+    def failure_reason(self) -> str | None:
+        """A readable sentence for a batch the provider failed, or None."""
+        if not self.errors:
+            return None
+        parts = []
+        for err in self.errors[:5]:
+            where = f"line {err.line}: " if err.line is not None else ""
+            code = f" [{err.code}]" if err.code else ""
+            parts.append(f"{where}{err.message}{code}")
+        more = f" (+{len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
+        return "; ".join(parts) + more
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch:
+    id: uuid.UUID
+    provider: str
+    endpoint: str
+    model: str
+    status: BatchStatus
+    provider_batch_id: str | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    request_counts: RequestCounts
+    provider_errors: list[JSONObject]
+    metadata: JSONObject
+    request_total: int
+    input_bytes: int
+    created_at: datetime
+    submitted_at: datetime | None
+    ended_at: datetime | None
+    results_applied_at: datetime | None
+    failure_reason: str | None
+    input_cost: Decimal | None
+    output_cost: Decimal | None
+    total_cost: Decimal | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completion:
+    id: int
+    batch_id: uuid.UUID | None
+    custom_id: str
+    line_no: int
+    status: CompletionStatus
+    request_body: JSONObject
+    response_body: JSONObject | None
+    output_text: str | None
+    tool_calls: list[JSONObject] | None
+    finish_reason: str | None
+    status_code: int | None
+    provider_request_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    input_cost: Decimal | None
+    output_cost: Decimal | None
+    total_cost: Decimal | None
+    failure_error: str | None
+    failure_reason: str | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    metadata: JSONObject
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchLimits:
+    """What one provider batch may hold."""
+
+    endpoints: frozenset[str]
+    max_requests: int = 50_000
+    max_bytes: int = 200 * 1024 * 1024
+    max_custom_id_length: int = 64
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewRequest:
+    """A validated request ready to be stored; ``body_json`` is exactly what will be sent."""
+
+    custom_id: str
+    line_no: int
+    body_json: bytes
+    metadata: JSONObject
+    line_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyReport:
+    """What one pass over a batch's result files did."""
+
+    applied: int = 0
+    already_applied: int = 0
+    unknown: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    swept: int = 0

@@ -1,0 +1,342 @@
+"""The batch lifecycle as provider calls and store writes: submit, poll, cancel, apply results.
+
+Every step records its outcome in the database before the next starts, and every write is
+conditional on the current state, so any step can crash and simply be run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from batchinfer.domain import (
+    ApplyReport,
+    Batch,
+    BatchStatus,
+    CompletionStatus,
+    ResultOutcome,
+)
+from batchinfer.errors import (
+    InvalidBatchError,
+    JsonlError,
+    ProviderRejectedError,
+    ResultsNotReadyError,
+)
+from batchinfer.jsonl import decode_object, iter_lines
+from batchinfer.pricing import Pricing
+from batchinfer.providers.base import Provider
+from batchinfer.storage.store import Store
+from batchinfer.validation import Requests, validate_requests
+
+logger = logging.getLogger(__name__)
+
+_UPLOAD_LINES_PER_CHUNK = 2_000
+
+
+@dataclasses.dataclass(slots=True)
+class _Tally:
+    applied: int = 0
+    already_applied: int = 0
+    unknown: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+
+
+class Lifecycle:
+    """Runs each step of a batch's life against one store and the configured providers."""
+
+    def __init__(
+        self,
+        store: Store,
+        providers: Mapping[str, Provider],
+        pricing: Pricing,
+        *,
+        apply_chunk_size: int = 1_000,
+        apply_writers: int = 2,
+    ) -> None:
+        self.store = store
+        self.providers = dict(providers)
+        self.pricing = pricing
+        self.apply_chunk_size = apply_chunk_size
+        self.apply_writers = apply_writers
+        self.last_report: ApplyReport | None = None
+
+    def provider(self, name: str) -> Provider:
+        try:
+            return self.providers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.providers)) or "none"
+            raise InvalidBatchError(
+                f"no provider named {name!r} is configured (configured: {known}); pass it in "
+                "BatchInfer(providers=[...])"
+            ) from None
+
+    # -- create and submit --------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        provider: str,
+        endpoint: str,
+        model: str,
+        requests: Requests,
+        metadata: Mapping[str, Any] | None,
+    ) -> Batch:
+        adapter = self.provider(provider)
+        validated = validate_requests(
+            requests, endpoint=endpoint, model=model, limits=adapter.limits
+        )
+        batch = await self.store.create_batch(
+            provider=provider,
+            endpoint=endpoint,
+            model=model,
+            metadata=dict(metadata or {}),
+            requests=validated,
+        )
+        _log("batch_created", batch, requests=batch.request_total, bytes=batch.input_bytes)
+        return batch
+
+    async def submit(self, batch_id: uuid.UUID) -> Batch:
+        batch = await self.store.get_batch(batch_id)
+        if batch.status is not BatchStatus.PENDING or batch.provider_batch_id is not None:
+            raise InvalidBatchError(
+                f"batch {batch.id} is {batch.status.value} (provider batch "
+                f"{batch.provider_batch_id}); only a pending batch can be submitted"
+            )
+        adapter = self.provider(batch.provider)
+        file_id = batch.input_file_id
+        if file_id is None:
+            file_id = await adapter.upload_input(
+                lambda: self._input_stream(batch, adapter), filename=f"batchinfer-{batch.id}.jsonl"
+            )
+            await self.store.record_input_file(batch.id, file_id)
+            _log("input_uploaded", batch, input_file_id=file_id)
+        pb = await adapter.create_batch(
+            input_file_id=file_id,
+            endpoint=batch.endpoint,
+            metadata={"batchinfer_batch_id": str(batch.id)},
+        )
+        batch = await self.store.record_submission(batch.id, pb)
+        _log("batch_submitted", batch, status=batch.status.value)
+        return batch
+
+    async def _input_stream(self, batch: Batch, adapter: Provider) -> AsyncIterator[bytes]:
+        async for page in self.store.request_pages(batch.id, page_size=_UPLOAD_LINES_PER_CHUNK):
+            yield b"".join(adapter.encode_line(cid, batch.endpoint, body) for cid, body in page)
+
+    # -- status and cancel --------------------------------------------------------------------
+
+    async def refresh(self, batch_id: uuid.UUID) -> Batch:
+        batch = await self.store.get_batch(batch_id)
+        if batch.provider_batch_id is None:
+            raise InvalidBatchError(f"batch {batch.id} has not been submitted; nothing to poll")
+        if batch.results_applied_at is not None:
+            return batch
+        pb = await self.provider(batch.provider).retrieve_batch(batch.provider_batch_id)
+        updated = await self.store.record_status(batch.id, pb)
+        if updated.status is not batch.status:
+            _log(
+                "batch_status_changed",
+                updated,
+                previous=batch.status.value,
+                status=updated.status.value,
+                completed=updated.request_counts.completed,
+                failed=updated.request_counts.failed,
+            )
+        return updated
+
+    async def cancel(self, batch_id: uuid.UUID) -> Batch:
+        batch = await self.store.get_batch(batch_id)
+        if batch.provider_batch_id is None:
+            raise InvalidBatchError(
+                f"batch {batch.id} was never submitted, so there is nothing to cancel at the "
+                "provider"
+            )
+        if batch.is_terminal:
+            raise InvalidBatchError(f"batch {batch.id} is already {batch.status.value}")
+        adapter = self.provider(batch.provider)
+        try:
+            pb = await adapter.cancel_batch(batch.provider_batch_id)
+        except ProviderRejectedError as exc:
+            if exc.status != 409:
+                raise
+            # The provider finished it first; record what it says so nothing is lost.
+            pb = await adapter.retrieve_batch(batch.provider_batch_id)
+            batch = await self.store.record_status(batch.id, pb)
+            raise InvalidBatchError(
+                f"batch {batch.id} can no longer be cancelled: the provider reports it "
+                f"{pb.raw_status}; its status is recorded, fetch its results"
+            ) from exc
+        batch = await self.store.record_status(batch.id, pb)
+        _log("batch_cancel_requested", batch, status=batch.status.value)
+        return batch
+
+    # -- results ------------------------------------------------------------------------------
+
+    async def fetch_results(self, batch_id: uuid.UUID) -> Batch:
+        batch = await self.store.get_batch(batch_id)
+        if batch.results_applied_at is not None:
+            return batch
+        if not batch.is_terminal:
+            raise InvalidBatchError(
+                f"batch {batch.id} is {batch.status.value}; results can be fetched once it is "
+                "completed, expired or cancelled (use wait() to poll until then)"
+            )
+        tally = _Tally()
+        if batch.status.has_results:
+            if batch.output_file_id is None and batch.request_counts.completed > 0:
+                raise ResultsNotReadyError(
+                    f"batch {batch.id} reports {batch.request_counts.completed} completed "
+                    "requests but no output file yet; poll its status again before fetching"
+                )
+            seen: set[str] = set()
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if file_id is not None:
+                    await self._apply_file(batch, file_id, seen, tally)
+        line_reasons: dict[int, str] = {}
+        if batch.status is BatchStatus.FAILED:
+            failure_error = f"{batch.provider} batch failed"
+            failure_reason = (
+                f"batch {batch.id} failed at the provider: "
+                f"{batch.failure_reason or 'no reason given'}"
+            )
+            for err in batch.provider_errors:
+                if isinstance(err.get("line"), int):
+                    code = f" [{err['code']}]" if err.get("code") else ""
+                    line_reasons[err["line"]] = f"{err.get('message')}{code}"
+        else:
+            failure_error = f"{batch.provider} batch entry missing"
+            failure_reason = (
+                f"result not present in the output or error file (batch {batch.id}, "
+                f"provider batch {batch.provider_batch_id}, status {batch.status.value})"
+            )
+        batch, swept = await self.store.finish_results(
+            batch.id,
+            failure_error=failure_error,
+            failure_reason=failure_reason,
+            line_reasons=line_reasons,
+        )
+        self.last_report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
+        _log("results_applied", batch, **dataclasses.asdict(self.last_report))
+        return batch
+
+    async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
+        """Stream one file: parse in this task, write chunks from ``apply_writers`` tasks."""
+        queue: asyncio.Queue[list[tuple[int, ResultOutcome]] | None] = asyncio.Queue(
+            maxsize=self.apply_writers * 2
+        )
+
+        async def writer() -> None:
+            while (chunk := await queue.get()) is not None:
+                outcomes = [o for _, o in chunk]
+                # The write that records an outcome finishes even if we are cancelled.
+                result = await asyncio.shield(self.store.apply_outcomes(batch.id, outcomes))
+                tally.applied += result.applied
+                tally.already_applied += len(result.already_applied)
+                if result.unknown:
+                    unknown = set(result.unknown)
+                    tally.unknown += len(unknown)
+                    for line_no, o in chunk:
+                        if o.custom_id in unknown:
+                            logger.warning(
+                                "batchinfer.result_unknown_custom_id",
+                                extra=_extra(
+                                    batch, file_id=file_id, line_no=line_no, custom_id=o.custom_id
+                                ),
+                            )
+
+        async def producer() -> None:
+            chunk: list[tuple[int, ResultOutcome]] = []
+            async with self.provider(batch.provider).open_file(file_id) as chunks:
+                async for line in iter_lines(chunks):
+                    outcome = self._parse_line(batch, file_id, line, tally)
+                    if outcome is None:
+                        continue
+                    if outcome.custom_id in seen:
+                        tally.duplicates += 1
+                        logger.warning(
+                            "batchinfer.result_duplicate",
+                            extra=_extra(
+                                batch,
+                                file_id=file_id,
+                                line_no=line.line_no,
+                                custom_id=outcome.custom_id,
+                            ),
+                        )
+                        continue
+                    seen.add(outcome.custom_id)
+                    chunk.append((line.line_no, outcome))
+                    if len(chunk) >= self.apply_chunk_size:
+                        await queue.put(chunk)
+                        chunk = []
+            if chunk:
+                await queue.put(chunk)
+            for _ in range(self.apply_writers):
+                await queue.put(None)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(self.apply_writers):
+                    tg.create_task(writer(), name=f"batchinfer-apply-{batch.id}-{i}")
+                tg.create_task(producer(), name=f"batchinfer-download-{batch.id}")
+        except BaseExceptionGroup as group:
+            # Callers expect the one error that stopped the pass, not a group of one.
+            first = group.exceptions[0]
+            if len(group.exceptions) == 1 and isinstance(first, Exception):
+                raise first from first.__cause__
+            raise
+
+    def _parse_line(
+        self, batch: Batch, file_id: str, line: Any, tally: _Tally
+    ) -> ResultOutcome | None:
+        adapter = self.provider(batch.provider)
+        try:
+            record = decode_object(line)
+            outcome = adapter.parse_result(record, endpoint=batch.endpoint)
+        except (JsonlError, ValueError) as exc:
+            tally.malformed += 1
+            logger.warning(
+                "batchinfer.result_malformed",
+                extra=_extra(batch, file_id=file_id, line_no=line.line_no, error=str(exc)),
+            )
+            return None
+        except Exception as exc:
+            # One odd response must not stop its siblings: fail that entry, keep going.
+            custom_id = record.get("custom_id")
+            if not isinstance(custom_id, str):
+                tally.malformed += 1
+                return None
+            outcome = ResultOutcome(
+                custom_id=custom_id,
+                status=CompletionStatus.FAILED,
+                failure_error="batchinfer could not read this result",
+                failure_reason=f"{type(exc).__name__}: {exc}"[:255],
+            )
+        if outcome.response is not None:
+            model = outcome.response.body.get("model")
+            costs = self.pricing.costs(
+                batch.provider,
+                model if isinstance(model, str) else batch.model,
+                outcome.response.usage,
+                discount=adapter.batch_discount,
+            )
+            outcome = dataclasses.replace(outcome, costs=costs)
+        return outcome
+
+
+def _extra(batch: Batch, **fields: Any) -> dict[str, Any]:
+    extra: dict[str, Any] = {
+        "batchinfer.batch_id": str(batch.id),
+        "batchinfer.provider": batch.provider,
+        "batchinfer.provider_batch_id": batch.provider_batch_id,
+    }
+    extra.update({f"batchinfer.{k}": v for k, v in fields.items()})
+    return extra
+
+
+def _log(event: str, batch: Batch, **fields: Any) -> None:
+    logger.info(f"batchinfer.{event}", extra=_extra(batch, **fields))

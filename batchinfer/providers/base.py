@@ -1,0 +1,69 @@
+"""The seam every provider implements: a handful of async calls, nothing about storage."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from decimal import Decimal
+from typing import Any, Protocol, runtime_checkable
+
+from batchinfer.domain import BatchLimits, ParsedResponse, ProviderBatch, ResultOutcome
+
+#: A factory for the JSONL body, so an upload that failed half-way can be streamed again.
+InputStream = Callable[[], AsyncIterator[bytes]]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A batch API. Implementations translate their wire format to and from the domain types."""
+
+    @property
+    def name(self) -> str:
+        """The name batches are stored under, e.g. ``"openai"``."""
+        ...
+
+    @property
+    def batch_discount(self) -> Decimal:
+        """The factor applied to live prices for batch results (0.5 is half price)."""
+        ...
+
+    @property
+    def limits(self) -> BatchLimits:
+        """What one batch may hold on this provider."""
+        ...
+
+    def encode_line(self, custom_id: str, endpoint: str, body_json: bytes) -> bytes:
+        """One request as a line of the input file."""
+        ...
+
+    async def upload_input(self, stream: InputStream, *, filename: str) -> str:
+        """Upload the input file; return its id."""
+        ...
+
+    async def create_batch(
+        self, *, input_file_id: str, endpoint: str, metadata: dict[str, str]
+    ) -> ProviderBatch:
+        """Start a batch over an uploaded input file. Not retried: it is not idempotent."""
+        ...
+
+    async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch: ...
+
+    async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch: ...
+
+    def open_file(self, file_id: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream a result file's bytes."""
+        ...
+
+    def parse_result(self, record: dict[str, Any], *, endpoint: str) -> ResultOutcome:
+        """Decide what one result envelope means for its completion (costs not yet set)."""
+        ...
+
+    def parse_response(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
+        """Extract text, tool calls, finish reason and usage from a 2xx response body."""
+        ...
+
+    async def complete(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
+        """Send one request to the live endpoint; the result is parsed as batch results are."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,204 @@
+"""aiohttp plumbing shared by providers: error mapping, retries, streamed bodies.
+
+Every aiohttp error is translated here into ``batchinfer.errors`` with the cause chained, so the
+rest of the package never sees a transport exception. Retries come from stamina: transient errors
+are retried with capped, jittered backoff, and a 429's ``Retry-After`` is honoured.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+import stamina
+
+from batchinfer.errors import (
+    AuthenticationError,
+    PermanentProviderError,
+    ProviderError,
+    ProviderRejectedError,
+    ProviderUnavailableError,
+    RateLimitedError,
+    TransientProviderError,
+)
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 256 * 1024
+_MAX_RETRY_AFTER = 120.0
+
+
+def retry_hook(exc: Exception) -> bool | float:
+    """stamina's backoff hook: how long to wait before retrying ``exc``, or whether to retry."""
+    if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+        return min(exc.retry_after, _MAX_RETRY_AFTER)
+    return isinstance(exc, TransientProviderError)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+
+
+def error_from_response(
+    status: int, body: bytes, headers: Mapping[str, str], *, what: str
+) -> ProviderError:
+    """Turn an HTTP error answer into the matching batchinfer error."""
+    message, code = None, None
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        message = parsed["error"].get("message")
+        code = parsed["error"].get("code") or parsed["error"].get("type")
+    if not message:
+        message = body[:200].decode("utf-8", "replace").strip() or "no message"
+    request_id = headers.get("x-request-id")
+    text = f"{what} failed with HTTP {status}: {message}"
+    kwargs: dict[str, Any] = {"status": status, "code": code, "request_id": request_id}
+    if status == 429:
+        return RateLimitedError(text, retry_after=_retry_after(headers), **kwargs)
+    if status in (401, 403):
+        return AuthenticationError(text + " (check the API key and its access)", **kwargs)
+    if status == 408 or status >= 500:
+        return ProviderUnavailableError(text, **kwargs)
+    return ProviderRejectedError(text, **kwargs)
+
+
+class HttpClient:
+    """A base URL, auth headers and an aiohttp session (owned, or borrowed and left open)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        session: aiohttp.ClientSession | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        attempts: int = 5,
+        retry_timeout: float = 120.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = dict(headers)
+        self._session = session
+        self._owns_session = session is None
+        self._timeout = timeout or aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
+        self.attempts = attempts
+        self.retry_timeout = retry_timeout
+
+    def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._session is None or (self._session.closed and self._owns_session):
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._owns_session = True
+        elif self._session.closed:
+            raise ProviderUnavailableError(
+                "the aiohttp.ClientSession given to the provider is closed; keep it open while "
+                "BatchInfer is in use"
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: Any = None,
+        what: str,
+        retry_on: Callable[[Exception], bool | float] = retry_hook,
+    ) -> dict[str, Any]:
+        """One call returning a JSON object, retried while ``retry_on`` says so.
+
+        ``data`` may be a factory, called once per attempt, for bodies that can be read once.
+        """
+        async for attempt in stamina.retry_context(
+            on=retry_on, attempts=self.attempts, timeout=self.retry_timeout
+        ):
+            with attempt:
+                payload = data() if callable(data) else data
+                return await self._request_json_once(
+                    method, path, json=json, data=payload, what=what
+                )
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _request_json_once(
+        self, method: str, path: str, *, json: Any, data: Any, what: str
+    ) -> dict[str, Any]:
+        headers = dict(self._headers)
+        body: Any = data
+        if json is not None:
+            body = orjson.dumps(json)
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session_or_new().request(
+                method, self.url(path), data=body, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise error_from_response(resp.status, raw, resp.headers, what=what)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PermanentProviderError(
+                f"{what} returned a body that is not JSON (HTTP {resp.status})",
+                status=resp.status,
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise PermanentProviderError(f"{what} returned JSON that is not an object")
+        return parsed
+
+    @asynccontextmanager
+    async def stream(self, path: str, *, what: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open a GET whose body is read chunk by chunk; errors mid-stream are mapped too."""
+        headers = {**self._headers, "Accept": "application/octet-stream"}
+        try:
+            async with self._session_or_new().get(self.url(path), headers=headers) as resp:
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    raise error_from_response(resp.status, raw, resp.headers, what=what)
+                yield _mapped_chunks(resp, what)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
+
+
+async def _mapped_chunks(resp: aiohttp.ClientResponse, what: str) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            yield chunk
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise ProviderUnavailableError(
+            f"{what}: the connection dropped mid-download ({_describe(exc)})"
+        ) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,341 @@
+"""OpenAI's Files + Batches API, and the live endpoints for the realtime path.
+
+Request bodies are the same for both paths, and ``parse_response`` is the one function that reads
+a response body, whether it came from a batch output line or a live call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+
+from batchinfer.domain import (
+    BatchLimits,
+    BatchStatus,
+    CompletionStatus,
+    ParsedResponse,
+    ProviderBatch,
+    ProviderBatchError,
+    RequestCounts,
+    ResultOutcome,
+    Usage,
+)
+from batchinfer.errors import PermanentProviderError, RateLimitedError
+from batchinfer.jsonl import encode_request_line
+from batchinfer.providers.base import InputStream
+from batchinfer.providers.http import HttpClient, retry_hook
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: Endpoints the Batch API accepts; only the first three are parsed into text and usage.
+BATCH_ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/completions",
+        "/v1/moderations",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/videos",
+    }
+)
+
+_FAILURE_TEXT_LIMIT = 255
+
+
+def _create_retry_hook(exc: Exception) -> bool | float:
+    # Creating a batch is not idempotent: a timeout may hide a batch that was created. Only a 429,
+    # which says nothing was done, is safe to send again.
+    return retry_hook(exc) if isinstance(exc, RateLimitedError) else False
+
+
+class OpenAIProvider:
+    """OpenAI, or any server speaking its Files and Batches API (``base_url``).
+
+    ``batch_discount`` is the factor batch results are priced at relative to live calls.
+    A given ``session`` is borrowed and never closed.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        session: aiohttp.ClientSession | None = None,
+        batch_discount: Decimal | float | str = Decimal("0.5"),
+        organization: str | None = None,
+        project: str | None = None,
+        name: str = "openai",
+        limits: BatchLimits | None = None,
+        attempts: int = 5,
+    ) -> None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise ValueError("OpenAIProvider needs an api_key (for example from OPENAI_API_KEY)")
+        headers = {"Authorization": f"Bearer {api_key}"}
+        if organization:
+            headers["OpenAI-Organization"] = organization
+        if project:
+            headers["OpenAI-Project"] = project
+        self._http = HttpClient(base_url, headers, session=session, attempts=attempts)
+        self._name = name
+        self._discount = Decimal(str(batch_discount))
+        self._limits = limits or BatchLimits(endpoints=BATCH_ENDPOINTS)
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(name={self._name!r}, base_url={self._http.base_url!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def batch_discount(self) -> Decimal:
+        return self._discount
+
+    @property
+    def limits(self) -> BatchLimits:
+        return self._limits
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def encode_line(self, custom_id: str, endpoint: str, body_json: bytes) -> bytes:
+        return encode_request_line(custom_id, endpoint, body_json)
+
+    async def upload_input(self, stream: InputStream, *, filename: str) -> str:
+        def multipart() -> aiohttp.MultipartWriter:
+            writer = aiohttp.MultipartWriter("form-data")
+            purpose = writer.append("batch")
+            purpose.set_content_disposition("form-data", name="purpose")
+            file_part = writer.append_payload(
+                aiohttp.payload.AsyncIterablePayload(stream(), content_type="application/jsonl")
+            )
+            file_part.set_content_disposition("form-data", name="file", filename=filename)
+            return writer
+
+        body = await self._http.request_json(
+            "POST", "/files", data=multipart, what="uploading the batch input file"
+        )
+        file_id = body.get("id")
+        if not isinstance(file_id, str):
+            raise PermanentProviderError("the file upload answer has no file id")
+        return file_id
+
+    async def create_batch(
+        self, *, input_file_id: str, endpoint: str, metadata: dict[str, str]
+    ) -> ProviderBatch:
+        body = await self._http.request_json(
+            "POST",
+            "/batches",
+            json={
+                "input_file_id": input_file_id,
+                "endpoint": endpoint,
+                "completion_window": "24h",
+                "metadata": metadata,
+            },
+            what="creating the batch",
+            retry_on=_create_retry_hook,
+        )
+        return self._batch(body)
+
+    async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch:
+        body = await self._http.request_json(
+            "GET", f"/batches/{provider_batch_id}", what=f"reading batch {provider_batch_id}"
+        )
+        return self._batch(body)
+
+    async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch:
+        body = await self._http.request_json(
+            "POST",
+            f"/batches/{provider_batch_id}/cancel",
+            what=f"cancelling batch {provider_batch_id}",
+        )
+        return self._batch(body)
+
+    def open_file(self, file_id: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._http.stream(f"/files/{file_id}/content", what=f"downloading file {file_id}")
+
+    async def complete(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
+        path = endpoint.removeprefix("/v1")
+        answer = await self._http.request_json("POST", path, json=body, what=f"POST {endpoint}")
+        return self.parse_response(endpoint, answer)
+
+    def _batch(self, body: dict[str, Any]) -> ProviderBatch:
+        batch_id = body.get("id")
+        if not isinstance(batch_id, str):
+            raise PermanentProviderError("the batch object from the provider has no id")
+        raw_status = str(body.get("status"))
+        try:
+            status = BatchStatus(raw_status)
+        except ValueError:
+            logger.warning(
+                "batchinfer.unknown_provider_status",
+                extra={"batchinfer.provider_batch_id": batch_id, "batchinfer.status": raw_status},
+            )
+            status = BatchStatus.IN_PROGRESS
+        if status is BatchStatus.PENDING:  # ours alone; the provider has the batch
+            status = BatchStatus.VALIDATING
+        counts = body.get("request_counts") or {}
+        errors = (body.get("errors") or {}).get("data") or []
+        return ProviderBatch(
+            id=batch_id,
+            status=status,
+            raw_status=raw_status,
+            input_file_id=body.get("input_file_id"),
+            output_file_id=body.get("output_file_id"),
+            error_file_id=body.get("error_file_id"),
+            request_counts=RequestCounts(
+                total=int(counts.get("total") or 0),
+                completed=int(counts.get("completed") or 0),
+                failed=int(counts.get("failed") or 0),
+            ),
+            errors=tuple(
+                ProviderBatchError(
+                    code=e.get("code"),
+                    message=str(e.get("message") or "no message"),
+                    param=e.get("param"),
+                    line=e.get("line"),
+                )
+                for e in errors
+                if isinstance(e, dict)
+            ),
+            raw=body,
+        )
+
+    def parse_result(self, record: dict[str, Any], *, endpoint: str) -> ResultOutcome:
+        custom_id = record.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise ValueError("the result line has no custom_id")
+        response = record.get("response")
+        error = record.get("error")
+        status_code: int | None = None
+        body: Any = None
+        request_id = None
+        if isinstance(response, dict):
+            raw_code = response.get("status_code", 200)
+            status_code = raw_code if isinstance(raw_code, int) else None
+            request_id = response.get("request_id")
+            body = response.get("body")
+            if isinstance(body, str | bytes):
+                # Some OpenAI-compatible servers send the body as a JSON-encoded string.
+                try:
+                    body = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    body = None
+            if status_code is not None and 200 <= status_code < 300 and isinstance(body, dict):
+                return ResultOutcome(
+                    custom_id=custom_id,
+                    status=CompletionStatus.COMPLETED,
+                    response=self.parse_response(endpoint, body),
+                    status_code=status_code,
+                    provider_request_id=request_id,
+                )
+        message = None
+        code = None
+        if isinstance(error, dict):
+            message, code = error.get("message"), error.get("code")
+        if not message and isinstance(body, dict) and isinstance(body.get("error"), dict):
+            message = body["error"].get("message")
+            code = code or body["error"].get("code") or body["error"].get("type")
+        if not message and status_code is not None and 200 <= status_code < 300:
+            message = "the response body is missing or not a JSON object"
+        label = f"status: {status_code if status_code is not None else 'none'}"
+        if code:
+            label += f", code: {code}"
+        return ResultOutcome(
+            custom_id=custom_id,
+            status=CompletionStatus.FAILED,
+            status_code=status_code,
+            provider_request_id=request_id,
+            failure_error=f"OpenAI batch entry failed ({label})"[:_FAILURE_TEXT_LIMIT],
+            failure_reason=str(message or "unknown OpenAI batch failure")[:_FAILURE_TEXT_LIMIT],
+        )
+
+    def parse_response(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
+        return parse_response(endpoint, body)
+
+
+def parse_response(endpoint: str, body: dict[str, Any]) -> ParsedResponse:
+    """Read a 2xx body of a chat, responses or embeddings call; others keep only the body."""
+    usage = _usage(body.get("usage"))
+    if endpoint == "/v1/chat/completions":
+        choices = body.get("choices") or [{}]
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        message = choice.get("message") or {}
+        tool_calls = message.get("tool_calls") or None
+        return ParsedResponse(
+            body=body,
+            output_text=_text(message.get("content")),
+            tool_calls=list(tool_calls) if tool_calls else None,
+            finish_reason=choice.get("finish_reason"),
+            usage=usage,
+        )
+    if endpoint == "/v1/responses":
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for item in body.get("output") or []:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message":
+                for part in item.get("content") or []:
+                    if isinstance(part, dict) and part.get("type") == "output_text":
+                        texts.append(str(part.get("text", "")))
+            elif str(item.get("type", "")).endswith("_call"):
+                calls.append(item)
+        finish = body.get("status")
+        incomplete = body.get("incomplete_details")
+        if isinstance(incomplete, dict) and incomplete.get("reason"):
+            finish = incomplete["reason"]
+        return ParsedResponse(
+            body=body,
+            output_text="".join(texts) if texts else None,
+            tool_calls=calls or None,
+            finish_reason=finish,
+            usage=usage,
+        )
+    return ParsedResponse(body=body, usage=usage)
+
+
+def _text(content: Any) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
+        )
+    return str(content)
+
+
+def _usage(raw: Any) -> Usage:
+    if not isinstance(raw, dict):
+        return Usage()
+    # Chat and embeddings say prompt/completion; the Responses API says input/output.
+    prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
+    completion = raw.get("completion_tokens", raw.get("output_tokens"))
+    prompt_details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
+    completion_details = (
+        raw.get("completion_tokens_details") or raw.get("output_tokens_details") or {}
+    )
+    total = raw.get("total_tokens")
+    if total is None and (prompt is not None or completion is not None):
+        total = (prompt or 0) + (completion or 0)
+    return Usage(
+        prompt_tokens=_int(prompt),
+        completion_tokens=_int(completion),
+        total_tokens=_int(total),
+        cached_tokens=_int(prompt_details.get("cached_tokens")),
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+    )
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,1 @@
+"""Versioned schema changes, applied by ``BatchInfer.migrate()`` through alembic."""

@@ -1,0 +1,691 @@
+"""The only module that writes SQL. It hands back frozen domain objects, never rows.
+
+Hot paths are single bulk statements: completions go in with COPY, results are applied a chunk
+at a time with one ``UPDATE ... FROM unnest(...)``, and every write is conditional on the row's
+current status, so re-running any step changes nothing already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from batchinfer.domain import (
+    Batch,
+    BatchStatus,
+    Completion,
+    CompletionStatus,
+    NewRequest,
+    ProviderBatch,
+    RequestCounts,
+    ResultOutcome,
+)
+from batchinfer.errors import (
+    BatchNotFoundError,
+    InvalidBatchError,
+    SchemaNotReadyError,
+    StorageError,
+)
+from batchinfer.storage.tables import batches, completions
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TERMINAL = ("completed", "failed")
+_COPY_CHUNK = 5_000
+_COMPLETION_COLUMNS = ("batch_id", "custom_id", "line_no", "status", "request_body", "metadata")
+_UNDEFINED = {"42P01", "3F000"}  # undefined_table, invalid_schema_name
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+@contextmanager
+def wrap_db_errors(what: str) -> Iterator[None]:
+    """Translate SQLAlchemy/asyncpg errors into batchinfer's, naming the operation."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        if isinstance(exc, DBAPIError) and sqlstate in _UNDEFINED:
+            raise SchemaNotReadyError(
+                f"{what}: the batchinfer tables do not exist yet; call `await bi.migrate()` "
+                "once (it is idempotent)"
+            ) from exc
+        raise StorageError(
+            f"{what}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
+        ) from exc
+    except OSError as exc:
+        raise StorageError(f"{what}: cannot reach the database ({exc})") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    applied: int
+    already_applied: list[str]
+    unknown: list[str]
+
+
+class Store:
+    """Batches and completions in Postgres, inside one schema."""
+
+    def __init__(self, engine: AsyncEngine, *, schema: str = "batchinfer") -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(
+                f"schema {schema!r} must be a lower-case SQL identifier (letters, digits, _)"
+            )
+        self.schema = schema
+        self._engine = engine.execution_options(schema_translate_map={None: schema})
+        self._q = engine.dialect.identifier_preparer.quote_schema(schema)
+
+    # -- schema -------------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Create the schema and tables, or upgrade them; safe to call from many processes."""
+        lock_key = int.from_bytes(hashlib.sha256(self.schema.encode()).digest()[:8], "big") >> 1
+        with wrap_db_errors("migrating the schema"):
+            async with self._engine.connect() as conn:
+                # Two apps starting at once must not both create the tables.
+                await conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": lock_key})
+                try:
+                    await conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {self._q}"))
+                    await conn.commit()
+                    await conn.run_sync(self._upgrade)
+                    await conn.commit()
+                finally:
+                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_key})
+                    await conn.commit()
+
+    def _upgrade(self, sync_conn: sa.Connection) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        config.attributes.update(connection=sync_conn, schema=self.schema, schema_quoted=self._q)
+        command.upgrade(config, "head")
+
+    @asynccontextmanager
+    async def _tx(self, what: str) -> AsyncIterator[AsyncConnection]:
+        with wrap_db_errors(what):
+            async with self._engine.begin() as conn:
+                yield conn
+
+    # -- batches ------------------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        *,
+        provider: str,
+        endpoint: str,
+        model: str,
+        metadata: dict[str, Any],
+        requests: AsyncIterator[NewRequest],
+    ) -> Batch:
+        """The batch row and every completion row, in one transaction."""
+        batch_id = uuid.uuid4()
+        async with self._tx("creating the batch") as conn:
+            await conn.execute(
+                batches.insert().values(
+                    id=batch_id,
+                    provider=provider,
+                    endpoint=endpoint,
+                    model=model,
+                    status=BatchStatus.PENDING.value,
+                    request_total=0,
+                    input_bytes=0,
+                    metadata=metadata,
+                )
+            )
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            count, size = 0, 0
+            records: list[tuple[Any, ...]] = []
+            async for req in requests:
+                count += 1
+                size += req.line_bytes
+                records.append(
+                    (
+                        batch_id,
+                        req.custom_id,
+                        req.line_no,
+                        CompletionStatus.PENDING.value,
+                        req.body_json.decode(),
+                        _dumps(req.metadata),
+                    )
+                )
+                if len(records) >= _COPY_CHUNK:
+                    await driver.copy_records_to_table(
+                        "completions",
+                        schema_name=self.schema,
+                        columns=_COMPLETION_COLUMNS,
+                        records=records,
+                    )
+                    records = []
+            if records:
+                await driver.copy_records_to_table(
+                    "completions",
+                    schema_name=self.schema,
+                    columns=_COMPLETION_COLUMNS,
+                    records=records,
+                )
+            row = (
+                await conn.execute(
+                    batches.update()
+                    .where(batches.c.id == batch_id)
+                    .values(request_total=count, input_bytes=size)
+                    .returning(batches)
+                )
+            ).one()
+        return _batch(row)
+
+    async def get_batch(self, batch_id: uuid.UUID) -> Batch:
+        with wrap_db_errors(f"reading batch {batch_id}"):
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(sa.select(batches).where(batches.c.id == batch_id))
+                ).one_or_none()
+        if row is None:
+            raise BatchNotFoundError(f"no batch {batch_id} in schema {self.schema!r}")
+        return _batch(row)
+
+    async def list_batches(
+        self, *, status: BatchStatus | None = None, limit: int = 50
+    ) -> list[Batch]:
+        query = sa.select(batches).order_by(batches.c.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(batches.c.status == status.value)
+        with wrap_db_errors("listing batches"):
+            async with self._engine.connect() as conn:
+                return [_batch(r) for r in await conn.execute(query)]
+
+    async def request_pages(
+        self, batch_id: uuid.UUID, *, page_size: int = 2_000
+    ) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """(custom_id, compact body JSON) in line order, a page per short query (keyset)."""
+        after = 0
+        query = sa.text(
+            f"SELECT line_no, custom_id, request_body::text FROM {self._q}.completions "
+            "WHERE batch_id = :b AND line_no > :after ORDER BY line_no LIMIT :n"
+        )
+        while True:
+            with wrap_db_errors(f"reading the requests of batch {batch_id}"):
+                async with self._engine.connect() as conn:
+                    rows = (
+                        await conn.execute(query, {"b": batch_id, "after": after, "n": page_size})
+                    ).all()
+            if not rows:
+                return
+            # jsonb's text form has spaces after ':' and ','; re-encode compactly.
+            yield [(r[1], orjson.dumps(orjson.loads(r[2]))) for r in rows]
+            after = rows[-1][0]
+
+    async def record_input_file(self, batch_id: uuid.UUID, file_id: str) -> None:
+        """Remember the uploaded file before creating the batch, so a retry need not re-upload."""
+        async with self._tx(f"recording the input file of batch {batch_id}") as conn:
+            await conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id, batches.c.status == BatchStatus.PENDING.value)
+                .values(input_file_id=file_id, updated_at=sa.func.now())
+            )
+
+    async def record_submission(self, batch_id: uuid.UUID, pb: ProviderBatch) -> Batch:
+        """Provider ids, status, timestamps and counts; children become ``submitted``."""
+        async with self._tx(f"recording the submission of batch {batch_id}") as conn:
+            row = (
+                await conn.execute(
+                    batches.update()
+                    .where(
+                        batches.c.id == batch_id,
+                        batches.c.status == BatchStatus.PENDING.value,
+                        batches.c.provider_batch_id.is_(None),
+                    )
+                    .values(
+                        provider_batch_id=pb.id,
+                        submitted_at=sa.func.now(),
+                        **_provider_values(pb),
+                        status=pb.status.value,
+                        ended_at=sa.func.now() if pb.status.is_terminal else None,
+                        input_file_id=pb.input_file_id or batches.c.input_file_id,
+                    )
+                    .returning(batches)
+                )
+            ).one_or_none()
+            if row is None:
+                raise InvalidBatchError(
+                    f"batch {batch_id} was submitted by another caller meanwhile; provider "
+                    f"batch {pb.id} is not recorded and should be cancelled"
+                )
+            await conn.execute(
+                completions.update()
+                .where(
+                    completions.c.batch_id == batch_id,
+                    completions.c.status == CompletionStatus.PENDING.value,
+                )
+                .values(
+                    status=CompletionStatus.SUBMITTED.value,
+                    started_at=sa.func.coalesce(completions.c.started_at, sa.func.now()),
+                )
+            )
+        return _batch(row)
+
+    async def record_status(self, batch_id: uuid.UUID, pb: ProviderBatch) -> Batch:
+        """Store what the provider reports, under a row lock; a terminal status is never undone.
+
+        For a batch already terminal, only file ids still missing are filled in: a stale poll
+        cannot revive an expired or cancelled batch, but a lagging output file id can arrive.
+        """
+        async with self._tx(f"recording the status of batch {batch_id}") as conn:
+            current = (
+                await conn.execute(
+                    sa.select(batches.c.status).where(batches.c.id == batch_id).with_for_update()
+                )
+            ).scalar_one_or_none()
+            if current is None:
+                raise BatchNotFoundError(f"no batch {batch_id} in schema {self.schema!r}")
+            update = batches.update().where(batches.c.id == batch_id).returning(batches)
+            if BatchStatus(current).is_terminal:
+                update = update.values(
+                    output_file_id=sa.func.coalesce(batches.c.output_file_id, pb.output_file_id),
+                    error_file_id=sa.func.coalesce(batches.c.error_file_id, pb.error_file_id),
+                    updated_at=sa.func.now(),
+                )
+            else:
+                update = update.values(
+                    status=pb.status.value,
+                    ended_at=sa.func.now() if pb.status.is_terminal else None,
+                    **_provider_values(pb),
+                )
+            row = (await conn.execute(update)).one()
+        return _batch(row)
+
+    # -- results ------------------------------------------------------------------------------
+
+    async def apply_outcomes(
+        self,
+        batch_id: uuid.UUID | None,
+        outcomes: Sequence[ResultOutcome],
+        *,
+        completion_id: int | None = None,
+    ) -> ApplyResult:
+        """Write a chunk of outcomes in one statement; rows already terminal are left alone.
+
+        ``outcomes`` must hold each custom_id once. With ``completion_id`` the single outcome
+        targets that row (the realtime path) instead of matching on custom_id.
+        """
+        cols = _outcome_columns(outcomes)
+        target = (
+            "c.id = :completion_id"
+            if completion_id is not None
+            else "c.batch_id = :batch_id AND c.custom_id = v.custom_id"
+        )
+        sql = sa.text(f"""
+            UPDATE {self._q}.completions AS c SET
+                status = v.status,
+                response_body = v.response_body::jsonb,
+                output_text = v.output_text,
+                tool_calls = v.tool_calls::jsonb,
+                finish_reason = v.finish_reason,
+                status_code = v.status_code,
+                provider_request_id = v.provider_request_id,
+                prompt_tokens = v.prompt_tokens,
+                completion_tokens = v.completion_tokens,
+                total_tokens = v.total_tokens,
+                cached_tokens = v.cached_tokens,
+                reasoning_tokens = v.reasoning_tokens,
+                input_cost = v.input_cost,
+                output_cost = v.output_cost,
+                total_cost = v.total_cost,
+                failure_error = v.failure_error,
+                failure_reason = v.failure_reason,
+                started_at = coalesce(c.started_at, now()),
+                completed_at = now()
+            FROM unnest(
+                CAST(:custom_id AS text[]), CAST(:status AS text[]),
+                CAST(:response_body AS text[]), CAST(:output_text AS text[]),
+                CAST(:tool_calls AS text[]), CAST(:finish_reason AS text[]),
+                CAST(:status_code AS int[]), CAST(:provider_request_id AS text[]),
+                CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
+                CAST(:total_tokens AS int[]), CAST(:cached_tokens AS int[]),
+                CAST(:reasoning_tokens AS int[]), CAST(:input_cost AS numeric[]),
+                CAST(:output_cost AS numeric[]), CAST(:total_cost AS numeric[]),
+                CAST(:failure_error AS text[]), CAST(:failure_reason AS text[])
+            ) AS v(custom_id, status, response_body, output_text, tool_calls, finish_reason,
+                   status_code, provider_request_id, prompt_tokens, completion_tokens,
+                   total_tokens, cached_tokens, reasoning_tokens, input_cost, output_cost,
+                   total_cost, failure_error, failure_reason)
+            WHERE {target} AND c.status NOT IN ('completed', 'failed')
+            RETURNING c.custom_id
+        """)
+        params = {**cols, "batch_id": batch_id, "completion_id": completion_id}
+        async with self._tx(f"applying results to batch {batch_id}") as conn:
+            done = {r[0] for r in await conn.execute(sql, params)}
+            missed = [o.custom_id for o in outcomes if o.custom_id not in done]
+            known: set[str] = set()
+            if missed and completion_id is None:
+                known = set(
+                    (
+                        await conn.execute(
+                            sa.select(completions.c.custom_id).where(
+                                completions.c.batch_id == batch_id,
+                                completions.c.custom_id.in_(missed),
+                            )
+                        )
+                    ).scalars()
+                )
+        return ApplyResult(
+            applied=len(done),
+            already_applied=[c for c in missed if c in known],
+            unknown=[c for c in missed if c not in known],
+        )
+
+    async def finish_results(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        failure_error: str,
+        failure_reason: str,
+        line_reasons: dict[int, str] | None = None,
+    ) -> tuple[Batch, int]:
+        """Fail every completion still open, sum the costs, stamp results_applied_at.
+
+        Returns the batch and how many completions the sweep failed.
+        """
+        async with self._tx(f"finishing the results of batch {batch_id}") as conn:
+            locked = (
+                await conn.execute(
+                    sa.select(batches.c.results_applied_at)
+                    .where(batches.c.id == batch_id)
+                    .with_for_update()
+                )
+            ).one_or_none()
+            if locked is None:
+                raise BatchNotFoundError(f"no batch {batch_id} in schema {self.schema!r}")
+            swept = 0
+            if line_reasons:
+                result = await conn.execute(
+                    sa.text(f"""
+                        UPDATE {self._q}.completions AS c
+                        SET status = 'failed', failure_error = :error,
+                            failure_reason = v.reason, completed_at = now()
+                        FROM unnest(CAST(:lines AS int[]), CAST(:reasons AS text[]))
+                            AS v(line_no, reason)
+                        WHERE c.batch_id = :b AND c.line_no = v.line_no
+                          AND c.status NOT IN ('completed', 'failed')
+                    """),
+                    {
+                        "b": batch_id,
+                        "error": failure_error,
+                        "lines": list(line_reasons),
+                        "reasons": [r[:255] for r in line_reasons.values()],
+                    },
+                )
+                swept += result.rowcount
+            result = await conn.execute(
+                completions.update()
+                .where(
+                    completions.c.batch_id == batch_id,
+                    completions.c.status.not_in(_TERMINAL),
+                )
+                .values(
+                    status=CompletionStatus.FAILED.value,
+                    failure_error=failure_error,
+                    failure_reason=failure_reason[:255],
+                    started_at=sa.func.coalesce(completions.c.started_at, sa.func.now()),
+                    completed_at=sa.func.now(),
+                )
+            )
+            swept += result.rowcount
+            sums = (
+                sa.select(
+                    sa.func.sum(completions.c.input_cost).label("i"),
+                    sa.func.sum(completions.c.output_cost).label("o"),
+                    sa.func.sum(completions.c.total_cost).label("t"),
+                )
+                .where(completions.c.batch_id == batch_id)
+                .subquery()
+            )
+            row = (
+                await conn.execute(
+                    batches.update()
+                    .where(batches.c.id == batch_id)
+                    .values(
+                        input_cost=sa.select(sums.c.i).scalar_subquery(),
+                        output_cost=sa.select(sums.c.o).scalar_subquery(),
+                        total_cost=sa.select(sums.c.t).scalar_subquery(),
+                        results_applied_at=sa.func.coalesce(
+                            batches.c.results_applied_at, sa.func.now()
+                        ),
+                        updated_at=sa.func.now(),
+                    )
+                    .returning(batches)
+                )
+            ).one()
+        return _batch(row), swept
+
+    # -- completions --------------------------------------------------------------------------
+
+    async def completion_pages(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        status: CompletionStatus | None = None,
+        page_size: int = 1_000,
+    ) -> AsyncIterator[list[Completion]]:
+        after = 0
+        while True:
+            query = (
+                sa.select(completions)
+                .where(completions.c.batch_id == batch_id, completions.c.line_no > after)
+                .order_by(completions.c.line_no)
+                .limit(page_size)
+            )
+            if status is not None:
+                query = query.where(completions.c.status == status.value)
+            with wrap_db_errors(f"reading the completions of batch {batch_id}"):
+                async with self._engine.connect() as conn:
+                    rows = (await conn.execute(query)).all()
+            if not rows:
+                return
+            yield [_completion(r) for r in rows]
+            after = rows[-1].line_no
+
+    async def get_completion(self, completion_id: int) -> Completion:
+        with wrap_db_errors(f"reading completion {completion_id}"):
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        sa.select(completions).where(completions.c.id == completion_id)
+                    )
+                ).one()
+        return _completion(row)
+
+    async def create_live_completion(
+        self, *, custom_id: str, body: dict[str, Any], metadata: dict[str, Any]
+    ) -> int:
+        """A completion outside any batch, for the realtime path."""
+        async with self._tx("recording a live request") as conn:
+            return int(
+                (
+                    await conn.execute(
+                        completions.insert()
+                        .values(
+                            batch_id=None,
+                            custom_id=custom_id,
+                            line_no=1,
+                            status=CompletionStatus.SUBMITTED.value,
+                            request_body=body,
+                            metadata=metadata,
+                            started_at=sa.func.now(),
+                        )
+                        .returning(completions.c.id)
+                    )
+                ).scalar_one()
+            )
+
+    async def summary(self, batch_id: uuid.UUID) -> dict[str, Any]:
+        """Counts by status and token sums, for reports."""
+        c = completions.c
+        query = (
+            sa.select(
+                c.status,
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.cached_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.reasoning_tokens), 0),
+            )
+            .where(c.batch_id == batch_id)
+            .group_by(c.status)
+        )
+        with wrap_db_errors(f"summarising batch {batch_id}"):
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        by_status = {r[0]: int(r[1]) for r in rows}
+        return {
+            "by_status": by_status,
+            "prompt_tokens": sum(int(r[2]) for r in rows),
+            "completion_tokens": sum(int(r[3]) for r in rows),
+            "cached_tokens": sum(int(r[4]) for r in rows),
+            "reasoning_tokens": sum(int(r[5]) for r in rows),
+        }
+
+
+def _provider_values(pb: ProviderBatch) -> dict[str, Any]:
+    return {
+        "output_file_id": pb.output_file_id,
+        "error_file_id": pb.error_file_id,
+        "counts_total": pb.request_counts.total,
+        "counts_completed": pb.request_counts.completed,
+        "counts_failed": pb.request_counts.failed,
+        "provider_errors": [
+            {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
+            for e in pb.errors
+        ],
+        "provider_response": pb.raw,
+        "failure_reason": pb.failure_reason(),
+        "updated_at": sa.func.now(),
+    }
+
+
+_OUTCOME_FIELDS = (
+    "custom_id",
+    "status",
+    "response_body",
+    "output_text",
+    "tool_calls",
+    "finish_reason",
+    "status_code",
+    "provider_request_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "input_cost",
+    "output_cost",
+    "total_cost",
+    "failure_error",
+    "failure_reason",
+)
+
+
+def _outcome_columns(outcomes: Sequence[ResultOutcome]) -> dict[str, list[Any]]:
+    cols: dict[str, list[Any]] = {name: [] for name in _OUTCOME_FIELDS}
+    for o in outcomes:
+        r = o.response
+        u = r.usage if r is not None else None
+        cols["custom_id"].append(o.custom_id)
+        cols["status"].append(o.status.value)
+        cols["response_body"].append(_dumps(r.body) if r is not None else None)
+        cols["output_text"].append(r.output_text if r is not None else None)
+        cols["tool_calls"].append(_dumps(r.tool_calls) if r is not None else None)
+        cols["finish_reason"].append(r.finish_reason if r is not None else None)
+        cols["status_code"].append(o.status_code)
+        cols["provider_request_id"].append(o.provider_request_id)
+        cols["prompt_tokens"].append(u.prompt_tokens if u else None)
+        cols["completion_tokens"].append(u.completion_tokens if u else None)
+        cols["total_tokens"].append(u.total_tokens if u else None)
+        cols["cached_tokens"].append(u.cached_tokens if u else None)
+        cols["reasoning_tokens"].append(u.reasoning_tokens if u else None)
+        cols["input_cost"].append(o.costs.input if o.costs else None)
+        cols["output_cost"].append(o.costs.output if o.costs else None)
+        cols["total_cost"].append(o.costs.total if o.costs else None)
+        cols["failure_error"].append(o.failure_error)
+        cols["failure_reason"].append(o.failure_reason)
+    return cols
+
+
+def _batch(row: sa.Row[Any]) -> Batch:
+    m = row._mapping
+    return Batch(
+        id=m["id"],
+        provider=m["provider"],
+        endpoint=m["endpoint"],
+        model=m["model"],
+        status=BatchStatus(m["status"]),
+        provider_batch_id=m["provider_batch_id"],
+        input_file_id=m["input_file_id"],
+        output_file_id=m["output_file_id"],
+        error_file_id=m["error_file_id"],
+        request_counts=RequestCounts(
+            total=m["counts_total"], completed=m["counts_completed"], failed=m["counts_failed"]
+        ),
+        provider_errors=list(m["provider_errors"] or []),
+        metadata=dict(m["metadata"] or {}),
+        request_total=m["request_total"],
+        input_bytes=m["input_bytes"],
+        created_at=m["created_at"],
+        submitted_at=m["submitted_at"],
+        ended_at=m["ended_at"],
+        results_applied_at=m["results_applied_at"],
+        failure_reason=m["failure_reason"],
+        input_cost=(m["input_cost"]),
+        output_cost=(m["output_cost"]),
+        total_cost=(m["total_cost"]),
+    )
+
+
+def _completion(row: sa.Row[Any]) -> Completion:
+    m = row._mapping
+    return Completion(
+        id=m["id"],
+        batch_id=m["batch_id"],
+        custom_id=m["custom_id"],
+        line_no=m["line_no"],
+        status=CompletionStatus(m["status"]),
+        request_body=m["request_body"],
+        response_body=m["response_body"],
+        output_text=m["output_text"],
+        tool_calls=m["tool_calls"],
+        finish_reason=m["finish_reason"],
+        status_code=m["status_code"],
+        provider_request_id=m["provider_request_id"],
+        prompt_tokens=m["prompt_tokens"],
+        completion_tokens=m["completion_tokens"],
+        total_tokens=m["total_tokens"],
+        cached_tokens=m["cached_tokens"],
+        reasoning_tokens=m["reasoning_tokens"],
+        input_cost=(m["input_cost"]),
+        output_cost=(m["output_cost"]),
+        total_cost=(m["total_cost"]),
+        failure_error=m["failure_error"],
+        failure_reason=m["failure_reason"],
+        started_at=m["started_at"],
+        completed_at=m["completed_at"],
+        metadata=dict(m["metadata"] or {}),
+    )

@@ -1,0 +1,133 @@
+"""The two tables, as SQLAlchemy Core. They carry no schema name: the store maps ``None`` to the
+configured schema (``batchinfer`` by default), so the app's own tables are never touched."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+BATCH_STATUSES = (
+    "pending",
+    "validating",
+    "in_progress",
+    "finalizing",
+    "cancelling",
+    "completed",
+    "failed",
+    "expired",
+    "cancelled",
+)
+COMPLETION_STATUSES = ("pending", "submitted", "completed", "failed")
+
+#: USD; 12 decimals keep a single token at a fraction of a cent per million exact.
+Money = Numeric(20, 12)
+Timestamp = TIMESTAMP(timezone=True)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("provider", Text, nullable=False),
+    Column("endpoint", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("provider_batch_id", Text),
+    Column("input_file_id", Text),
+    Column("output_file_id", Text),
+    Column("error_file_id", Text),
+    Column("request_total", Integer, nullable=False),
+    Column("input_bytes", BigInteger, nullable=False),
+    Column("counts_total", Integer, nullable=False, server_default="0"),
+    Column("counts_completed", Integer, nullable=False, server_default="0"),
+    Column("counts_failed", Integer, nullable=False, server_default="0"),
+    Column("provider_errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("provider_response", JSONB),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("failure_reason", Text),
+    Column("input_cost", Money),
+    Column("output_cost", Money),
+    Column("total_cost", Money),
+    Column("created_at", Timestamp, nullable=False, server_default=func.now()),
+    Column("updated_at", Timestamp, nullable=False, server_default=func.now()),
+    Column("submitted_at", Timestamp),
+    Column("ended_at", Timestamp),
+    Column("results_applied_at", Timestamp),
+    # For workers that poll on a schedule; the verbs leave it alone.
+    Column("next_poll_at", Timestamp),
+    CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
+    Index(
+        "ix_batches_provider_provider_batch_id",
+        "provider",
+        "provider_batch_id",
+        unique=True,
+        postgresql_where=text("provider_batch_id IS NOT NULL"),
+    ),
+    Index(
+        "ix_batches_open",
+        "next_poll_at",
+        postgresql_where=text("results_applied_at IS NULL"),
+    ),
+)
+
+completions = Table(
+    "completions",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("batch_id", Uuid, ForeignKey("batches.id", ondelete="CASCADE")),
+    Column("custom_id", Text, nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("request_body", JSONB, nullable=False),
+    Column("response_body", JSONB),
+    Column("output_text", Text),
+    Column("tool_calls", JSONB),
+    Column("finish_reason", Text),
+    Column("status_code", Integer),
+    Column("provider_request_id", Text),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("total_tokens", Integer),
+    Column("cached_tokens", Integer),
+    Column("reasoning_tokens", Integer),
+    Column("input_cost", Money),
+    Column("output_cost", Money),
+    Column("total_cost", Money),
+    Column("failure_error", Text),
+    Column("failure_reason", Text),
+    Column("started_at", Timestamp),
+    Column("completed_at", Timestamp),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    CheckConstraint(_in("status", COMPLETION_STATUSES), name="status"),
+    # Also the index every per-batch statement uses (batch_id is its first column).
+    Index("uq_completions_batch_id_custom_id", "batch_id", "custom_id", unique=True),
+)
