@@ -1,0 +1,387 @@
+"""The aiohttp application: OpenAI's Files, Batches and live inference routes over a Store."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import BodyPartReader, web
+
+from . import fake_model
+from ._state import CancelConflict, Store, page
+from ._wire import (
+    close_connection,
+    error_response,
+    int_query,
+    json_body,
+    json_response,
+    list_envelope,
+    metadata_error,
+    not_found,
+    ttl_seconds,
+)
+
+__all__ = ["API_PREFIX", "ConnectionDrop", "Faults", "HttpFault", "build_app"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API_PREFIX = "/v1"
+CHUNK = 1 << 20
+MIB = 1024 * 1024
+# OpenAI's caps: 512 MB for any upload, 200 MB for batch input. Counted in MiB to stay lenient.
+MAX_UPLOAD_BYTES = 512 * MIB
+MAX_BATCH_INPUT_BYTES = 200 * MIB
+UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+_CONTENT_PATH = re.compile(r"^/files/[^/]+/content$")
+_DROP_KEY = web.RequestKey("drop_after_bytes", int)
+_LIVE_ROUTES = ("/chat/completions", "/responses", "/embeddings")
+
+
+@dataclass(slots=True)
+class HttpFault:
+    method: str
+    path: str
+    status: int
+    times: int
+    body: dict[str, object] | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ConnectionDrop:
+    method: str
+    path: str
+    times: int
+    after_bytes: int
+
+
+@dataclass(slots=True)
+class Faults:
+    http: list[HttpFault] = field(default_factory=list)
+    drops: list[ConnectionDrop] = field(default_factory=list)
+
+    def take_http(self, method: str, path: str) -> HttpFault | None:
+        for rule in self.http:
+            if _matches(rule.method, rule.path, method, path):
+                rule.times -= 1
+                if rule.times <= 0:
+                    self.http.remove(rule)
+                return rule
+        return None
+
+    def take_drop(self, method: str, path: str) -> ConnectionDrop | None:
+        for rule in self.drops:
+            if _matches(rule.method, rule.path, method, path):
+                rule.times -= 1
+                if rule.times <= 0:
+                    self.drops.remove(rule)
+                return rule
+        return None
+
+
+def _matches(rule_method: str, rule_path: str, method: str, path: str) -> bool:
+    return rule_method in ("*", method) and path.startswith(rule_path)
+
+
+def _subpath(request: web.Request) -> str:
+    path = request.path
+    return path[len(API_PREFIX) :] if path.startswith(API_PREFIX + "/") else path
+
+
+class Api:
+    def __init__(
+        self, store: Store, faults: Faults, api_key: str, log: list[tuple[str, str]]
+    ) -> None:
+        self.store = store
+        self.faults = faults
+        self.api_key = api_key
+        self.log = log
+        # Separate from the store's generator so polling does not shift batch and file ids.
+        self._request_ids = random.Random(f"{store.seed}:request-ids")
+
+    def app(self) -> web.Application:
+        # Caps request.read() for JSON bodies; uploads stream through multipart and bypass it.
+        app = web.Application(
+            client_max_size=64 * MIB,
+            middlewares=[self._record, self._envelope, self._faults, self._auth],
+        )
+        v1 = API_PREFIX
+        app.router.add_post(f"{v1}/files", self.create_file)
+        app.router.add_get(f"{v1}/files", self.list_files)
+        app.router.add_get(f"{v1}/files/{{file_id}}", self.get_file)
+        app.router.add_delete(f"{v1}/files/{{file_id}}", self.delete_file)
+        app.router.add_get(f"{v1}/files/{{file_id}}/content", self.file_content)
+        app.router.add_post(f"{v1}/batches", self.create_batch)
+        app.router.add_get(f"{v1}/batches", self.list_batches)
+        app.router.add_get(f"{v1}/batches/{{batch_id}}", self.get_batch)
+        app.router.add_post(f"{v1}/batches/{{batch_id}}/cancel", self.cancel_batch)
+        for route in _LIVE_ROUTES:
+            app.router.add_post(f"{v1}{route}", self.live)
+        app.on_response_prepare.append(self._stamp_request_id)
+        return app
+
+    async def _stamp_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
+        # The SDK surfaces x-request-id on errors and in logs, as with the real API.
+        response.headers.setdefault("x-request-id", f"req_{self._request_ids.getrandbits(96):024x}")
+
+    # ---- middlewares
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.log.append((request.method, request.path))
+        return await handler(request)
+
+    @web.middleware
+    async def _envelope(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp's own 404/405/413 are text/plain; OpenAI clients expect the JSON error envelope.
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or exc.content_type == "application/json":
+                raise
+            return error_response(exc.status, exc.reason)
+
+    @web.middleware
+    async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        method, path = request.method, _subpath(request)
+        drop = self.faults.take_drop(method, path)
+        if drop is not None:
+            if method == "GET" and _CONTENT_PATH.match(path):
+                request[_DROP_KEY] = drop.after_bytes
+                return await handler(request)
+            close_connection(request)
+            # The transport is closed, so aiohttp discards this response quietly.
+            return web.Response(status=500)
+        fault = self.faults.take_http(method, path)
+        if fault is not None:
+            if fault.body is not None:
+                return json_response(fault.body, status=fault.status, headers=fault.headers)
+            return error_response(
+                fault.status, f"Emulated HTTP {fault.status} error.", headers=fault.headers
+            )
+        return await handler(request)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return error_response(
+                401,
+                "Incorrect API key provided.",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+        return await handler(request)
+
+    # ---- files
+
+    async def create_file(self, request: web.Request) -> web.StreamResponse:
+        if not request.content_type.startswith("multipart/"):
+            return error_response(400, "Uploads must be multipart/form-data.")
+        reader = await request.multipart()
+        fields: dict[str, str] = {}
+        content: bytes | None = None
+        filename = "file"
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                await part.release()
+                continue
+            if part.name == "file":
+                filename = part.filename or filename
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := await part.read_chunk(CHUNK):
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        return error_response(
+                            413,
+                            "File is larger than 512 MB.",
+                            param="file",
+                            code="file_too_large",
+                        )
+                    chunks.append(chunk)
+                content = b"".join(chunks)
+            elif part.name:
+                fields[part.name] = await part.text()
+        if content is None:
+            return error_response(
+                400,
+                "Missing required parameter: 'file'.",
+                param="file",
+                code="missing_required_parameter",
+            )
+        purpose = fields.get("purpose")
+        if purpose not in UPLOAD_PURPOSES:
+            return error_response(
+                400, f"Invalid purpose: {purpose!r}.", param="purpose", code="invalid_value"
+            )
+        if purpose == "batch" and len(content) > MAX_BATCH_INPUT_BYTES:
+            return error_response(
+                400,
+                "Batch input files must be at most 200 MB.",
+                param="file",
+                code="file_too_large",
+            )
+        ttl: int | None = None
+        if "expires_after[anchor]" in fields or "expires_after[seconds]" in fields:
+            checked = ttl_seconds(
+                fields.get("expires_after[anchor]"),
+                fields.get("expires_after[seconds]"),
+                "expires_after",
+            )
+            if isinstance(checked, web.Response):
+                return checked
+            ttl = checked
+        record = self.store.add_file(content, filename=filename, purpose=purpose, ttl=ttl)
+        return json_response(record.to_object(len(content)))
+
+    async def list_files(self, request: web.Request) -> web.StreamResponse:
+        limit = int_query(request, "limit", 10_000, 1, 10_000)
+        purpose = request.query.get("purpose")
+        objects = [self.store.file_object(file_id) for file_id in self.store.files]
+        by_id = {
+            str(obj["id"]): obj
+            for obj in objects
+            if obj is not None and (purpose is None or obj["purpose"] == purpose)
+        }
+        ids = list(by_id)
+        if request.query.get("order", "desc") == "desc":
+            ids.reverse()
+        chunk, has_more = page(ids, request.query.get("after"), limit)
+        return json_response(list_envelope([by_id[f] for f in chunk], has_more))
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        obj = self.store.file_object(file_id)
+        if obj is None:
+            return not_found("File", file_id)
+        return json_response(obj)
+
+    async def delete_file(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        if not self.store.delete_file(file_id):
+            return not_found("File", file_id)
+        return json_response({"id": file_id, "object": "file", "deleted": True})
+
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        content = self.store.files.get(file_id)
+        drop_after = request.get(_DROP_KEY)
+        if content is None:
+            if drop_after is not None:
+                close_connection(request)
+            return not_found("File", file_id)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(content)
+        await response.prepare(request)
+        end = len(content) if drop_after is None else min(drop_after, len(content))
+        view = memoryview(content)
+        for offset in range(0, end, CHUNK):
+            await response.write(view[offset : min(offset + CHUNK, end)])
+        if drop_after is not None:
+            close_connection(request)
+            return response
+        await response.write_eof()
+        return response
+
+    # ---- batches
+
+    async def create_batch(self, request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        for name in ("input_file_id", "endpoint", "completion_window"):
+            if not isinstance(body.get(name), str):
+                return error_response(
+                    400,
+                    f"Missing required parameter: '{name}'.",
+                    param=name,
+                    code="missing_required_parameter",
+                )
+        endpoint = body["endpoint"]
+        if endpoint not in fake_model.BATCH_ENDPOINTS:
+            allowed = ", ".join(fake_model.BATCH_ENDPOINTS)
+            return error_response(
+                400,
+                f"Invalid endpoint {endpoint!r}; expected one of {allowed}.",
+                param="endpoint",
+                code="invalid_value",
+            )
+        if body["completion_window"] != "24h":
+            return error_response(
+                400,
+                "completion_window must be '24h'.",
+                param="completion_window",
+                code="invalid_value",
+            )
+        metadata = body.get("metadata")
+        if metadata is not None and (problem := metadata_error(metadata)) is not None:
+            return problem
+        output_ttl: int | None = None
+        expires_after = body.get("output_expires_after")
+        if expires_after is not None:
+            if not isinstance(expires_after, dict):
+                return error_response(
+                    400,
+                    "output_expires_after must be an object.",
+                    param="output_expires_after",
+                    code="invalid_type",
+                )
+            checked = ttl_seconds(
+                expires_after.get("anchor"), expires_after.get("seconds"), "output_expires_after"
+            )
+            if isinstance(checked, web.Response):
+                return checked
+            output_ttl = checked
+        record = self.store.create_batch(
+            input_file_id=body["input_file_id"],
+            endpoint=endpoint,
+            metadata=metadata,
+            output_ttl=output_ttl,
+        )
+        return json_response(record.obj)
+
+    async def list_batches(self, request: web.Request) -> web.StreamResponse:
+        limit = int_query(request, "limit", 20, 1, 100)
+        self.store.tick_all()
+        ids = list(reversed(self.store.batches))
+        chunk, has_more = page(ids, request.query.get("after"), limit)
+        return json_response(list_envelope([self.store.batches[b] for b in chunk], has_more))
+
+    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+        batch_id = request.match_info["batch_id"]
+        record = self.store.records.get(batch_id)
+        if record is None:
+            return not_found("Batch", batch_id)
+        self.store.tick(record)
+        return json_response(record.obj)
+
+    async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
+        batch_id = request.match_info["batch_id"]
+        if batch_id not in self.store.records:
+            return not_found("Batch", batch_id)
+        try:
+            record = self.store.cancel(batch_id)
+        except CancelConflict as exc:
+            # Without this header the SDK retries a 409 twice before giving up.
+            return error_response(409, str(exc), headers={"x-should-retry": "false"})
+        return json_response(record.obj)
+
+    # ---- live inference
+
+    async def live(self, request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            result = fake_model.respond(request.path, body, self.store.now())
+        except fake_model.ModelError as exc:
+            return json_response(exc.envelope(), status=exc.status)
+        return json_response(result)
+
+
+def build_app(
+    store: Store, faults: Faults, api_key: str, log: list[tuple[str, str]]
+) -> web.Application:
+    return Api(store, faults, api_key, log).app()

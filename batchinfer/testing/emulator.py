@@ -1,0 +1,179 @@
+"""The public face of the emulator: server lifecycle, failure scripting and batch driving."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from aiohttp import web
+
+from ._http import API_PREFIX, ConnectionDrop, Faults, HttpFault, build_app
+from ._state import TERMINAL, ScriptedFailure, Store
+
+__all__ = ["Emulator"]
+
+_ERROR_KEYS = ("code", "message", "param", "line")
+
+
+def _api_path(path: str) -> str:
+    # Accept "/v1/files" as well as "/files": both spellings appear in tests and SDK docs.
+    if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
+        return path[len(API_PREFIX) :]
+    return path
+
+
+class Emulator:
+    """A local OpenAI Files + Batches + live inference server backed by a deterministic model.
+
+    Batches stay put until driven with :meth:`advance`, :meth:`process`, :meth:`finish` or
+    :meth:`expire`, unless ``step_seconds`` is set: then each read of a batch applies one step
+    per ``step_seconds`` of ``clock()`` time elapsed since the previous step.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "sk-emulator",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        step_seconds: float | None = None,
+        clock: Callable[[], float] = time.time,
+        seed: int = 0,
+    ) -> None:
+        if step_seconds is not None and step_seconds <= 0:
+            raise ValueError("step_seconds must be positive")
+        self.api_key = api_key
+        self.host = host
+        self.port = port
+        self._store = Store(clock=clock, seed=seed, step_seconds=step_seconds)
+        self._faults = Faults()
+        self.files: dict[str, bytes] = self._store.files
+        self.batches: dict[str, dict[str, object]] = self._store.batches
+        self.requests: list[tuple[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+
+    # ---- lifecycle
+
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            raise RuntimeError("Emulator.start() has not been awaited")
+        return self._base_url
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        app = build_app(self._store, self._faults, self.api_key, self.requests)
+        # A short shutdown grace: clients keep connections alive and tests should not wait on them.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        _, self.port = runner.addresses[0][:2]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._base_url = f"http://{host}:{self.port}{API_PREFIX}"
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Emulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ---- scripting
+
+    def fail_request(
+        self,
+        custom_id: str,
+        *,
+        status: int = 400,
+        message: str = "The request was invalid.",
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        """Every batch line with this custom_id lands in the error file with this HTTP error."""
+        self._store.dropped.discard(custom_id)
+        self._store.failures[custom_id] = ScriptedFailure(status, message, code, type)
+
+    def drop_request(self, custom_id: str) -> None:
+        """Every batch line with this custom_id silently vanishes from both result files."""
+        self._store.failures.pop(custom_id, None)
+        self._store.dropped.add(custom_id)
+
+    def fail_validation(self, errors: list[dict[str, object]]) -> None:
+        """The next batch created fails validation with these errors (queued one per batch)."""
+        normalised = [{key: error.get(key) for key in _ERROR_KEYS} | error for error in errors]
+        self._store.validation_failures.append(normalised)
+
+    def fail_http(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        *,
+        times: int = 1,
+        body: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """The next ``times`` matching requests get ``status`` instead of being served.
+
+        ``path`` is a prefix of the path after ``/v1``; ``method`` may be ``"*"``.
+        """
+        self._faults.http.append(
+            HttpFault(method.upper(), _api_path(path), status, times, body, dict(headers or {}))
+        )
+
+    def drop_connection(
+        self, method: str, path: str, *, times: int = 1, after_bytes: int = 0
+    ) -> None:
+        """The next ``times`` matching requests have their connection closed unanswered.
+
+        For ``GET /files/{id}/content`` the status line, headers (with the full Content-Length)
+        and ``after_bytes`` bytes of the body go out first, so clients see a truncated payload.
+        """
+        self._faults.drops.append(
+            ConnectionDrop(method.upper(), _api_path(path), times, after_bytes)
+        )
+
+    # ---- driving batches
+
+    async def advance(self, batch_id: str) -> str:
+        """One step of the batch state machine; returns the new status."""
+        return self._store.advance(batch_id)
+
+    async def process(self, batch_id: str, n: int | None = None) -> None:
+        """Run the next ``n`` unprocessed requests (all when None) of an in_progress batch."""
+        self._store.process(batch_id, n)
+
+    async def finish(self, batch_id: str) -> None:
+        while self._store.record(batch_id).status not in TERMINAL:
+            self._store.advance(batch_id)
+
+    async def expire(self, batch_id: str) -> None:
+        """Expire the batch now; requests not yet run become `batch_expired` error lines."""
+        self._store.expire(batch_id)
+
+    # ---- inspection
+
+    def file_content(self, file_id: str) -> bytes:
+        try:
+            return self.files[file_id]
+        except KeyError:
+            raise KeyError(f"no file {file_id!r}") from None
