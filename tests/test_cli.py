@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from batchinfer.cli import main
+from batchinfer.demo import run_demo
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "emulator", "migrate"):
+        assert command in out
+
+
+def test_migrate_without_a_database_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCHINFER_DATABASE_URL", raising=False)
+    assert main(["migrate", "--database", ""]) == 2
+    assert "BATCHINFER_DATABASE_URL" in capsys.readouterr().err
+
+
+async def test_demo_runs_a_batch_and_reports_costs(database_url: str) -> None:
+    out = io.StringIO()
+    batch = await run_demo(requests=200, database_url=database_url, step_seconds=0.05, out=out)
+    text = out.getvalue()
+    assert batch.status.value == "completed"
+    assert batch.results_applied_at is not None
+    assert "completed" in text
+    assert "failed" in text
+    assert "missing from both files 2" in text
+    assert "the same work live would cost" in text
+    assert batch.total_cost is not None
+    assert batch.total_cost > 0

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchinfer import BatchInfer, OpenAIProvider, SchemaNotReadyError
+from batchinfer.storage.tables import metadata
+from batchinfer.testing import Emulator
+from tests.helpers import chat_requests
+
+
+def _client(engine: AsyncEngine, schema: str, emulator: Emulator) -> BatchInfer:
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    return BatchInfer(engine, providers=[provider], schema=schema)
+
+
+async def test_verbs_before_migrate_say_to_migrate(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    async with _client(engine, schema, emulator) as bi:
+        with pytest.raises(SchemaNotReadyError, match=r"migrate\(\)"):
+            await bi.create_batch(
+                provider="openai",
+                endpoint="/v1/chat/completions",
+                model="gpt-4o-mini",
+                requests=chat_requests(1),
+            )
+
+
+async def test_migrate_is_idempotent_and_safe_concurrently(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    clients = [_client(engine, schema, emulator) for _ in range(3)]
+    await asyncio.gather(*(c.migrate() for c in clients))
+    await clients[0].migrate()
+    async with engine.connect() as conn:
+        tables = set(
+            (
+                await conn.execute(
+                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
+                )
+            ).scalars()
+        )
+        version = (
+            await conn.execute(sa.text(f'SELECT version_num FROM "{schema}".alembic_version'))
+        ).scalar_one()
+    assert tables == {"alembic_version", "batches", "completions"}
+    assert version == "0001"
+    for c in clients:
+        await c.aclose()
+
+
+async def test_migrated_schema_matches_the_table_definitions(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    async with _client(engine, schema, emulator) as bi:
+        await bi.migrate()
+
+    def diff(sync_conn: sa.Connection) -> list[object]:
+        translated = sync_conn.execution_options(schema_translate_map={None: schema})
+        context = MigrationContext.configure(
+            translated,
+            opts={"include_schemas": False, "compare_server_default": False},
+        )
+        return list(compare_metadata(context, metadata))
+
+    async with engine.connect() as conn:
+        await conn.execute(sa.text(f'SET search_path TO "{schema}"'))
+        differences = await conn.run_sync(diff)
+    assert differences == []
+
+
+async def test_schema_name_is_checked(engine: AsyncEngine, emulator: Emulator) -> None:
+    with pytest.raises(ValueError, match="schema"):
+        _client(engine, 'bad"; DROP TABLE x; --', emulator)
