@@ -20,7 +20,7 @@ from batchinfer.domain import (
     CompletionStatus,
     ResultOutcome,
 )
-from batchinfer.errors import InvalidRequestError, ResultsNotReadyError
+from batchinfer.errors import InvalidRequestError, ProviderError, ResultsNotReadyError
 from batchinfer.lifecycle import Lifecycle
 from batchinfer.pricing import Price, Pricing
 from batchinfer.providers.base import Provider
@@ -231,7 +231,19 @@ class BatchInfer:
         completion_id = await self.store.create_live_completion(
             custom_id=cid, body=orjson.loads(request.body_json), metadata=request.metadata
         )
-        parsed = await adapter.complete(endpoint, orjson.loads(request.body_json))
+        try:
+            parsed = await adapter.complete(endpoint, orjson.loads(request.body_json))
+        except ProviderError as exc:
+            # Record the failure on the row, so no live request stays "submitted" for ever.
+            failed = ResultOutcome(
+                custom_id=cid,
+                status=CompletionStatus.FAILED,
+                status_code=exc.status,
+                failure_error=f"{adapter.name} live request failed (status: {exc.status})",
+                failure_reason=str(exc)[:255],
+            )
+            await self.store.apply_outcomes(None, [failed], completion_id=completion_id)
+            raise
         response_model = parsed.body.get("model")
         costs = self._lifecycle.pricing.costs(
             adapter.name,

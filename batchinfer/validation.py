@@ -6,6 +6,7 @@ waiting, and it would fail the whole batch for one bad line. Here the error name
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,9 @@ from batchinfer.errors import InvalidRequestError
 from batchinfer.jsonl import encode_request_line
 
 _REQUEST_KEYS = frozenset({"custom_id", "body", "metadata", "method", "url"})
+
+# Postgres text and jsonb cannot hold U+0000; orjson writes it as \u0000, a backslash as \\.
+_ENCODED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 # The field each endpoint cannot do without; the provider rejects a body without it.
 _REQUIRED_BODY_FIELD = {
@@ -136,14 +140,18 @@ def _check_request(
     required = _REQUIRED_BODY_FIELD.get(endpoint)
     if required is not None and required not in body:
         raise fail(f"body.{required} is required for {endpoint}")
-    metadata = item.get("metadata") or {}
+    metadata = item.get("metadata")
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, Mapping):
         raise fail("metadata must be a dict")
     try:
         body_json = orjson.dumps(body)
-        orjson.dumps(metadata)
+        metadata_json = orjson.dumps(metadata)
     except TypeError as exc:
         raise fail(f"not JSON-serialisable: {exc}") from exc
+    if "\x00" in custom_id or _ENCODED_NUL.search(body_json) or _ENCODED_NUL.search(metadata_json):
+        raise fail("contains a NUL character (\\u0000), which Postgres cannot store")
     return NewRequest(
         custom_id=custom_id,
         line_no=position + 1,

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from batchinfer import BatchInfer, BatchStatus, CompletionStatus
 from batchinfer.testing import Emulator
-
 from tests.helpers import chat_requests
 
 

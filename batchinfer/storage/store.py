@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -68,8 +69,34 @@ def wrap_db_errors(what: str) -> Iterator[None]:
         raise StorageError(
             f"{what}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
         ) from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # The raw driver is used for COPY; its errors are translated here too.
+        if getattr(exc, "sqlstate", None) in _UNDEFINED:
+            raise SchemaNotReadyError(
+                f"{what}: the batchinfer tables do not exist yet; call `await bi.migrate()`"
+            ) from exc
+        raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise StorageError(f"{what}: cannot reach the database ({exc})") from exc
+
+
+class _SourceError(Exception):
+    """An error raised by the caller's request iterator, carried past the DB error mapping."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+async def _guarded(requests: AsyncIterator[NewRequest]) -> AsyncIterator[NewRequest]:
+    while True:
+        try:
+            item = await anext(requests)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            raise _SourceError(exc) from exc
+        yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +163,27 @@ class Store:
         requests: AsyncIterator[NewRequest],
     ) -> Batch:
         """The batch row and every completion row, in one transaction."""
+        try:
+            return await self._create_batch(
+                provider=provider,
+                endpoint=endpoint,
+                model=model,
+                metadata=metadata,
+                requests=_guarded(requests),
+            )
+        except _SourceError as exc:
+            # The transaction is rolled back; the caller sees its own error, not a DB one.
+            raise exc.original from None
+
+    async def _create_batch(
+        self,
+        *,
+        provider: str,
+        endpoint: str,
+        model: str,
+        metadata: dict[str, Any],
+        requests: AsyncIterator[NewRequest],
+    ) -> Batch:
         batch_id = uuid.uuid4()
         async with self._tx("creating the batch") as conn:
             await conn.execute(
@@ -216,7 +264,7 @@ class Store:
     async def request_pages(
         self, batch_id: uuid.UUID, *, page_size: int = 2_000
     ) -> AsyncIterator[list[tuple[str, bytes]]]:
-        """(custom_id, compact body JSON) in line order, a page per short query (keyset)."""
+        """(custom_id, body JSON as stored) in line order, a page per short query (keyset)."""
         after = 0
         query = sa.text(
             f"SELECT line_no, custom_id, request_body::text FROM {self._q}.completions "
@@ -230,8 +278,8 @@ class Store:
                     ).all()
             if not rows:
                 return
-            # jsonb's text form has spaces after ':' and ','; re-encode compactly.
-            yield [(r[1], orjson.dumps(orjson.loads(r[2]))) for r in rows]
+            # Stored as json text, exactly as validated and encoded at create time.
+            yield [(r[1], r[2].encode()) for r in rows]
             after = rows[-1][0]
 
     async def record_input_file(self, batch_id: uuid.UUID, file_id: str) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.dialects.postgresql import JSON, JSONB, TIMESTAMP
 
 metadata = MetaData(
     naming_convention={
@@ -107,7 +107,9 @@ completions = Table(
     Column("custom_id", Text, nullable=False),
     Column("line_no", Integer, nullable=False),
     Column("status", Text, nullable=False, server_default="pending"),
-    Column("request_body", JSONB, nullable=False),
+    # json, not jsonb: the body is sent byte for byte as given, keys in the caller's order
+    # (property order in a JSON schema changes what a model generates).
+    Column("request_body", JSON, nullable=False),
     Column("response_body", JSONB),
     Column("output_text", Text),
     Column("tool_calls", JSONB),

@@ -74,7 +74,7 @@ def upgrade() -> None:
             custom_id text NOT NULL,
             line_no integer NOT NULL,
             status text DEFAULT 'pending' NOT NULL,
-            request_body jsonb NOT NULL,
+            request_body json NOT NULL,
             response_body jsonb,
             output_text text,
             tool_calls jsonb,
