@@ -19,7 +19,14 @@ from batchinfer.jsonl import encode_request_line
 _REQUEST_KEYS = frozenset({"custom_id", "body", "metadata", "method", "url"})
 
 # Postgres text and jsonb cannot hold U+0000; orjson writes it as \u0000, a backslash as \\.
+# (The body is stored as json, which keeps the escape as text and so may contain it.)
 _ENCODED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_encoded_nul(data: bytes) -> bool:
+    # The substring test is cheap; the regex only runs to rule out an escaped backslash.
+    return b"\\u0000" in data and _ENCODED_NUL.search(data) is not None
+
 
 # The field each endpoint cannot do without; the provider rejects a body without it.
 _REQUIRED_BODY_FIELD = {
@@ -150,8 +157,8 @@ def _check_request(
         metadata_json = orjson.dumps(metadata)
     except TypeError as exc:
         raise fail(f"not JSON-serialisable: {exc}") from exc
-    if "\x00" in custom_id or _ENCODED_NUL.search(body_json) or _ENCODED_NUL.search(metadata_json):
-        raise fail("contains a NUL character (\\u0000), which Postgres cannot store")
+    if "\x00" in custom_id or has_encoded_nul(metadata_json):
+        raise fail("custom_id or metadata contains a NUL character, which Postgres cannot store")
     return NewRequest(
         custom_id=custom_id,
         line_no=position + 1,

@@ -50,8 +50,22 @@ _COMPLETION_COLUMNS = ("batch_id", "custom_id", "line_no", "status", "request_bo
 _UNDEFINED = {"42P01", "3F000"}  # undefined_table, invalid_schema_name
 
 
+# jsonb and text cannot hold U+0000, which a model can emit; orjson writes it as \u0000 and a
+# backslash as \\, so an escape preceded by an even run of backslashes is a real NUL.
+_ENCODED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _dumps(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    text = orjson.dumps(value).decode()
+    if "\\u0000" in text:
+        text = _ENCODED_NUL.sub(r"\1\\ufffd", text)
+    return text
+
+
+def _text(value: str | None) -> str | None:
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
 
 
 @contextmanager
@@ -660,9 +674,9 @@ def _outcome_columns(outcomes: Sequence[ResultOutcome]) -> dict[str, list[Any]]:
         cols["custom_id"].append(o.custom_id)
         cols["status"].append(o.status.value)
         cols["response_body"].append(_dumps(r.body) if r is not None else None)
-        cols["output_text"].append(r.output_text if r is not None else None)
+        cols["output_text"].append(_text(r.output_text) if r is not None else None)
         cols["tool_calls"].append(_dumps(r.tool_calls) if r is not None else None)
-        cols["finish_reason"].append(r.finish_reason if r is not None else None)
+        cols["finish_reason"].append(_text(r.finish_reason) if r is not None else None)
         cols["status_code"].append(o.status_code)
         cols["provider_request_id"].append(o.provider_request_id)
         cols["prompt_tokens"].append(u.prompt_tokens if u else None)
@@ -673,8 +687,8 @@ def _outcome_columns(outcomes: Sequence[ResultOutcome]) -> dict[str, list[Any]]:
         cols["input_cost"].append(o.costs.input if o.costs else None)
         cols["output_cost"].append(o.costs.output if o.costs else None)
         cols["total_cost"].append(o.costs.total if o.costs else None)
-        cols["failure_error"].append(o.failure_error)
-        cols["failure_reason"].append(o.failure_reason)
+        cols["failure_error"].append(_text(o.failure_error))
+        cols["failure_reason"].append(_text(o.failure_reason))
     return cols
 
 
