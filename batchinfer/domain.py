@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -97,6 +98,10 @@ class ParsedResponse:
     tool_calls: list[JSONObject] | None = None
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
+
+
+#: Prices one response: (the model the response names, its usage) -> costs, or None if unknown.
+Pricer = Callable[[str | None, Usage], Costs | None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,7 +18,10 @@ from batchinfer.domain import (
     Batch,
     BatchStatus,
     CompletionStatus,
+    Costs,
+    Pricer,
     ResultOutcome,
+    Usage,
 )
 from batchinfer.errors import (
     InvalidBatchError,
@@ -26,7 +29,7 @@ from batchinfer.errors import (
     ProviderRejectedError,
     ResultsNotReadyError,
 )
-from batchinfer.jsonl import decode_object, iter_lines
+from batchinfer.jsonl import RawLine, decode_object, iter_lines
 from batchinfer.pricing import Pricing
 from batchinfer.providers.base import Provider
 from batchinfer.storage.store import Store
@@ -35,6 +38,7 @@ from batchinfer.validation import Requests, validate_requests
 logger = logging.getLogger(__name__)
 
 _UPLOAD_LINES_PER_CHUNK = 2_000
+_YIELD_EVERY = 100
 
 
 @dataclasses.dataclass(slots=True)
@@ -249,11 +253,13 @@ class Lifecycle:
                                 ),
                             )
 
+        price = self.pricer(batch)
+
         async def producer() -> None:
             chunk: list[tuple[int, ResultOutcome]] = []
             async with self.provider(batch.provider).open_file(file_id) as chunks:
                 async for line in iter_lines(chunks):
-                    outcome = self._parse_line(batch, file_id, line, tally)
+                    outcome = self._parse_line(batch, file_id, line, price, tally)
                     if outcome is None:
                         continue
                     if outcome.custom_id in seen:
@@ -273,6 +279,9 @@ class Lifecycle:
                     if len(chunk) >= self.apply_chunk_size:
                         await queue.put(chunk)
                         chunk = []
+                    elif len(chunk) % _YIELD_EVERY == 0:
+                        # Buffered reads do not suspend; let finished writes be picked up.
+                        await asyncio.sleep(0)
             if chunk:
                 await queue.put(chunk)
             for _ in range(self.apply_writers):
@@ -291,12 +300,12 @@ class Lifecycle:
             raise
 
     def _parse_line(
-        self, batch: Batch, file_id: str, line: Any, tally: _Tally
+        self, batch: Batch, file_id: str, line: RawLine, price: Pricer, tally: _Tally
     ) -> ResultOutcome | None:
         adapter = self.provider(batch.provider)
         try:
             record = decode_object(line)
-            outcome = adapter.parse_result(record, endpoint=batch.endpoint)
+            return adapter.parse_result(record, endpoint=batch.endpoint, price=price)
         except (JsonlError, ValueError) as exc:
             tally.malformed += 1
             logger.warning(
@@ -310,22 +319,22 @@ class Lifecycle:
             if not isinstance(custom_id, str):
                 tally.malformed += 1
                 return None
-            outcome = ResultOutcome(
+            return ResultOutcome(
                 custom_id=custom_id,
                 status=CompletionStatus.FAILED,
                 failure_error="batchinfer could not read this result",
                 failure_reason=f"{type(exc).__name__}: {exc}"[:255],
             )
-        if outcome.response is not None:
-            model = outcome.response.body.get("model")
-            costs = self.pricing.costs(
-                batch.provider,
-                model if isinstance(model, str) else batch.model,
-                outcome.response.usage,
-                discount=adapter.batch_discount,
-            )
-            outcome = dataclasses.replace(outcome, costs=costs)
-        return outcome
+
+    def pricer(self, batch: Batch) -> Pricer:
+        """Prices a batch's responses: by the model each names, else the batch's model."""
+        costs = self.pricing.costs
+        discount = self.provider(batch.provider).batch_discount
+
+        def price(model: str | None, usage: Usage) -> Costs | None:
+            return costs(batch.provider, model or batch.model, usage, discount=discount)
+
+        return price
 
 
 def _extra(batch: Batch, **fields: Any) -> dict[str, Any]:

@@ -32,32 +32,63 @@ class Price:
     cached_input_per_mtok: Decimal | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """USD per token, discount applied: three multiplications a row, no division."""
+
+    input: Decimal
+    cached: Decimal
+    output: Decimal
+
+
 class Pricing:
     """Prices models; ``prices`` overrides or adds models by exact name."""
 
     def __init__(self, prices: Mapping[str, Price] | None = None) -> None:
         self._overrides = dict(prices or {})
         self._resolved: dict[tuple[str, str], Price | Any | None] = {}
+        self._rates: dict[tuple[str, str, Decimal], _Rates | None] = {}
 
     def costs(self, provider: str, model: str, usage: Usage, *, discount: Decimal) -> Costs | None:
         """The cost of one response, or None when the model's price is unknown or no tokens."""
         if usage.prompt_tokens is None and usage.completion_tokens is None:
             return None
-        price = self._price(provider, model)
-        if price is None:
-            return None
-        if isinstance(price, Price):
-            costs = _apply(price, usage)
-        else:
-            calc = price.calc_price(
-                genai_prices.Usage(
-                    input_tokens=usage.prompt_tokens or 0,
-                    cache_read_tokens=usage.cached_tokens or 0,
-                    output_tokens=usage.completion_tokens or 0,
-                )
+        key = (provider, model, discount)
+        if key not in self._rates:
+            self._rates[key] = self._flat_rates(provider, model, discount)
+        rates = self._rates[key]
+        if rates is not None:
+            prompt = usage.prompt_tokens or 0
+            cached = min(usage.cached_tokens or 0, prompt)
+            return Costs(
+                input=(prompt - cached) * rates.input + cached * rates.cached,
+                output=(usage.completion_tokens or 0) * rates.output,
             )
-            costs = Costs(input=calc["input_price"], output=calc["output_price"])
-        return Costs(input=costs.input * discount, output=costs.output * discount)
+        price = self._price(provider, model)
+        if price is None or isinstance(price, Price):
+            return None
+        # Prices that vary by request (tiers) go through genai-prices' own calculation.
+        calc = price.calc_price(
+            genai_prices.Usage(
+                input_tokens=usage.prompt_tokens or 0,
+                cache_read_tokens=usage.cached_tokens or 0,
+                output_tokens=usage.completion_tokens or 0,
+            )
+        )
+        return Costs(input=calc["input_price"] * discount, output=calc["output_price"] * discount)
+
+    def _flat_rates(self, provider: str, model: str, discount: Decimal) -> _Rates | None:
+        price = self._price(provider, model)
+        if not isinstance(price, Price):
+            return None
+        cached = price.cached_input_per_mtok
+        if cached is None:
+            cached = price.input_per_mtok
+        return _Rates(
+            input=price.input_per_mtok * discount / _MTOK,
+            cached=cached * discount / _MTOK,
+            output=price.output_per_mtok * discount / _MTOK,
+        )
 
     def _price(self, provider: str, model: str) -> Price | Any | None:
         if model in self._overrides:
@@ -88,14 +119,3 @@ def _lookup(provider: str, model: str) -> Price | Any | None:
             input_per_mtok=inp, output_per_mtok=out or Decimal(0), cached_input_per_mtok=cached
         )
     return mp
-
-
-def _apply(price: Price, usage: Usage) -> Costs:
-    prompt = usage.prompt_tokens or 0
-    cached = min(usage.cached_tokens or 0, prompt)
-    cached_rate = price.cached_input_per_mtok
-    if cached_rate is None:
-        cached_rate = price.input_per_mtok
-    input_cost = ((prompt - cached) * price.input_per_mtok + cached * cached_rate) / _MTOK
-    output_cost = (usage.completion_tokens or 0) * price.output_per_mtok / _MTOK
-    return Costs(input=input_cost, output=output_cost)

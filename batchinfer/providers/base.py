@@ -7,7 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
-from batchinfer.domain import BatchLimits, ParsedResponse, ProviderBatch, ResultOutcome
+from batchinfer.domain import BatchLimits, ParsedResponse, Pricer, ProviderBatch, ResultOutcome
 
 #: A factory for the JSONL body, so an upload that failed half-way can be streamed again.
 InputStream = Callable[[], AsyncIterator[bytes]]
@@ -54,8 +54,10 @@ class Provider(Protocol):
         """Stream a result file's bytes."""
         ...
 
-    def parse_result(self, record: dict[str, Any], *, endpoint: str) -> ResultOutcome:
-        """Decide what one result envelope means for its completion (costs not yet set)."""
+    def parse_result(
+        self, record: dict[str, Any], *, endpoint: str, price: Pricer | None = None
+    ) -> ResultOutcome:
+        """Decide what one result envelope means for its completion, priced with ``price``."""
         ...
 
     def parse_response(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:

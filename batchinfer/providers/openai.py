@@ -20,6 +20,7 @@ from batchinfer.domain import (
     BatchStatus,
     CompletionStatus,
     ParsedResponse,
+    Pricer,
     ProviderBatch,
     ProviderBatchError,
     RequestCounts,
@@ -211,7 +212,9 @@ class OpenAIProvider:
             raw=body,
         )
 
-    def parse_result(self, record: dict[str, Any], *, endpoint: str) -> ResultOutcome:
+    def parse_result(
+        self, record: dict[str, Any], *, endpoint: str, price: Pricer | None = None
+    ) -> ResultOutcome:
         custom_id = record.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise ValueError("the result line has no custom_id")
@@ -232,12 +235,17 @@ class OpenAIProvider:
                 except orjson.JSONDecodeError:
                     body = None
             if status_code is not None and 200 <= status_code < 300 and isinstance(body, dict):
+                parsed = parse_response(endpoint, body)
+                model = body.get("model")
                 return ResultOutcome(
                     custom_id=custom_id,
                     status=CompletionStatus.COMPLETED,
-                    response=self.parse_response(endpoint, body),
+                    response=parsed,
                     status_code=status_code,
                     provider_request_id=request_id,
+                    costs=price(model if isinstance(model, str) else None, parsed.usage)
+                    if price is not None
+                    else None,
                 )
         message = None
         code = None
@@ -319,23 +327,31 @@ def _usage(raw: Any) -> Usage:
     if not isinstance(raw, dict):
         return Usage()
     # Chat and embeddings say prompt/completion; the Responses API says input/output.
-    prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
-    completion = raw.get("completion_tokens", raw.get("output_tokens"))
-    prompt_details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
-    completion_details = (
-        raw.get("completion_tokens_details") or raw.get("output_tokens_details") or {}
-    )
+    if "prompt_tokens" in raw:
+        prompt = raw["prompt_tokens"]
+        completion = raw.get("completion_tokens")
+        prompt_details = raw.get("prompt_tokens_details")
+        completion_details = raw.get("completion_tokens_details")
+    else:
+        prompt = raw.get("input_tokens")
+        completion = raw.get("output_tokens")
+        prompt_details = raw.get("input_tokens_details")
+        completion_details = raw.get("output_tokens_details")
     total = raw.get("total_tokens")
     if total is None and (prompt is not None or completion is not None):
-        total = (prompt or 0) + (completion or 0)
+        total = (_int(prompt) or 0) + (_int(completion) or 0)
     return Usage(
         prompt_tokens=_int(prompt),
         completion_tokens=_int(completion),
         total_tokens=_int(total),
-        cached_tokens=_int(prompt_details.get("cached_tokens")),
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        cached_tokens=_int(prompt_details.get("cached_tokens"))
+        if isinstance(prompt_details, dict)
+        else None,
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else None,
     )
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if type(value) is int else None

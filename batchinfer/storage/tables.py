@@ -132,4 +132,6 @@ completions = Table(
     CheckConstraint(_in("status", COMPLETION_STATUSES), name="status"),
     # Also the index every per-batch statement uses (batch_id is its first column).
     Index("uq_completions_batch_id_custom_id", "batch_id", "custom_id", unique=True),
+    # Request order: the upload and completions() page through a batch by line number.
+    Index("uq_completions_batch_id_line_no", "batch_id", "line_no", unique=True),
 )

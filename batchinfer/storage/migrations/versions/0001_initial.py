@@ -105,6 +105,10 @@ def upgrade() -> None:
         CREATE UNIQUE INDEX uq_completions_batch_id_custom_id
             ON {s}.completions (batch_id, custom_id)
     """)
+    op.execute(f"""
+        CREATE UNIQUE INDEX uq_completions_batch_id_line_no
+            ON {s}.completions (batch_id, line_no)
+    """)
 
 
 def downgrade() -> None:
