@@ -694,38 +694,15 @@ def _batch(row: sa.Row[Any]) -> Batch:
         ended_at=m["ended_at"],
         results_applied_at=m["results_applied_at"],
         failure_reason=m["failure_reason"],
-        input_cost=(m["input_cost"]),
-        output_cost=(m["output_cost"]),
-        total_cost=(m["total_cost"]),
+        input_cost=m["input_cost"],
+        output_cost=m["output_cost"],
+        total_cost=m["total_cost"],
     )
 
 
 def _completion(row: sa.Row[Any]) -> Completion:
-    m = row._mapping
-    return Completion(
-        id=m["id"],
-        batch_id=m["batch_id"],
-        custom_id=m["custom_id"],
-        line_no=m["line_no"],
-        status=CompletionStatus(m["status"]),
-        request_body=m["request_body"],
-        response_body=m["response_body"],
-        output_text=m["output_text"],
-        tool_calls=m["tool_calls"],
-        finish_reason=m["finish_reason"],
-        status_code=m["status_code"],
-        provider_request_id=m["provider_request_id"],
-        prompt_tokens=m["prompt_tokens"],
-        completion_tokens=m["completion_tokens"],
-        total_tokens=m["total_tokens"],
-        cached_tokens=m["cached_tokens"],
-        reasoning_tokens=m["reasoning_tokens"],
-        input_cost=(m["input_cost"]),
-        output_cost=(m["output_cost"]),
-        total_cost=(m["total_cost"]),
-        failure_error=m["failure_error"],
-        failure_reason=m["failure_reason"],
-        started_at=m["started_at"],
-        completed_at=m["completed_at"],
-        metadata=dict(m["metadata"] or {}),
-    )
+    # The dataclass's fields are the table's columns, by name.
+    values = dict(row._mapping)
+    values["status"] = CompletionStatus(values["status"])
+    values["metadata"] = dict(values["metadata"] or {})
+    return Completion(**values)
