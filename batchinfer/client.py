@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
@@ -20,12 +21,19 @@ from batchinfer.domain import (
     CompletionStatus,
     ResultOutcome,
 )
-from batchinfer.errors import InvalidRequestError, ProviderError, ResultsNotReadyError
+from batchinfer.errors import (
+    InvalidRequestError,
+    ProviderError,
+    ResultsNotReadyError,
+    TransientProviderError,
+)
 from batchinfer.lifecycle import Lifecycle
 from batchinfer.pricing import Price, Pricing
 from batchinfer.providers.base import Provider
 from batchinfer.storage.store import Store
 from batchinfer.validation import Requests, validate_requests
+
+logger = logging.getLogger(__name__)
 
 BatchRef = Batch | uuid.UUID | str
 
@@ -163,13 +171,24 @@ class BatchInfer:
     ) -> Batch:
         """Poll until the batch is terminal, then fetch its results and return it.
 
-        ``on_poll`` is called with the batch after each poll (for progress reports). To bound
-        the wait, wrap the call in ``asyncio.timeout()``; the batch goes on at the provider.
+        ``on_poll`` is called with the batch after each poll (for progress reports). A poll that
+        fails with a transient provider error is logged and tried again at the next interval.
+        To bound the wait, wrap the call in ``asyncio.timeout()``; the batch goes on at the
+        provider.
         """
         batch_id = _batch_id(batch)
         interval = self.poll_interval if poll_interval is None else poll_interval
         while True:
-            current = await self._lifecycle.refresh(batch_id)
+            try:
+                current = await self._lifecycle.refresh(batch_id)
+            except TransientProviderError as exc:
+                # A batch runs for hours; one failed poll (already retried) is not the end.
+                logger.warning(
+                    "batchinfer.poll_failed",
+                    extra={"batchinfer.batch_id": str(batch_id), "batchinfer.error": str(exc)},
+                )
+                await self._sleep(interval)
+                continue
             if on_poll is not None:
                 result = on_poll(current)
                 if result is not None:

@@ -67,6 +67,8 @@ class Lifecycle:
         self.pricing = pricing
         self.apply_chunk_size = apply_chunk_size
         self.apply_writers = apply_writers
+        #: How many of the provider's newest batches a retried submit looks through.
+        self.reattach_scan = 1_000
         self.last_report: ApplyReport | None = None
 
     def provider(self, name: str) -> Provider:
@@ -112,18 +114,25 @@ class Lifecycle:
                 f"{batch.provider_batch_id}); only a pending batch can be submitted"
             )
         adapter = self.provider(batch.provider)
+        tag = {"batchinfer_batch_id": str(batch.id)}
         file_id = batch.input_file_id
+        pb = None
         if file_id is None:
             file_id = await adapter.upload_input(
                 lambda: self._input_stream(batch, adapter), filename=f"batchinfer-{batch.id}.jsonl"
             )
             await self.store.record_input_file(batch.id, file_id)
             _log("input_uploaded", batch, input_file_id=file_id)
-        pb = await adapter.create_batch(
-            input_file_id=file_id,
-            endpoint=batch.endpoint,
-            metadata={"batchinfer_batch_id": str(batch.id)},
-        )
+        else:
+            # An earlier submit got as far as uploading; it may also have created the batch
+            # (a timeout, or a crash before recording it). Re-attach rather than pay twice.
+            pb = await adapter.find_batch(metadata=tag, max_batches=self.reattach_scan)
+            if pb is not None:
+                _log("batch_reattached", batch, provider_batch_id=pb.id)
+        if pb is None:
+            pb = await adapter.create_batch(
+                input_file_id=file_id, endpoint=batch.endpoint, metadata=tag
+            )
         batch = await self.store.record_submission(batch.id, pb)
         _log("batch_submitted", batch, status=batch.status.value)
         return batch

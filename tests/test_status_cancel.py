@@ -329,3 +329,33 @@ async def test_wait_is_bounded_by_asyncio_timeout(bi: BatchInfer, emulator: Emul
     assert current.status is BatchStatus.VALIDATING
     assert current.results_applied_at is None
     assert emulator.batches[pbid]["status"] == "validating"
+
+
+async def test_wait_rides_out_a_poll_that_fails_after_its_retries(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    batch = await bi.submit_batch(
+        await bi.create_batch(
+            provider="openai",
+            endpoint="/v1/chat/completions",
+            model="gpt-4o-mini",
+            requests=chat_requests(3),
+        )
+    )
+    assert batch.provider_batch_id is not None
+    await emulator.finish(batch.provider_batch_id)
+    # More failures than one poll's retries: the first poll gives up, wait() polls again.
+    emulator.fail_http("GET", f"/batches/{batch.provider_batch_id}", 503, times=4)
+    polls: list[BatchStatus] = []
+
+    async def on_poll(current: Batch) -> None:
+        polls.append(current.status)
+
+    done = await bi.wait(batch, on_poll=on_poll)
+    assert done.status is BatchStatus.COMPLETED
+    assert done.results_applied_at is not None
+    assert polls == [BatchStatus.COMPLETED]
+    failed_gets = [
+        r for r in emulator.requests if r == ("GET", f"/v1/batches/{batch.provider_batch_id}")
+    ]
+    assert len(failed_gets) == 5  # 4 failures (3 in the first poll, 1 in the next) + 1 success

@@ -362,6 +362,8 @@ async def test_create_500_is_not_retried_and_a_resubmit_reuses_the_upload(
     assert submitted.status is BatchStatus.VALIDATING
     assert calls(emulator, "POST", "/v1/files") == 1
     assert calls(emulator, "POST", "/v1/batches") == 2
+    # Before creating again it looked for a batch the first attempt might have made.
+    assert calls(emulator, "GET", "/v1/batches") == 1
     assert submitted.input_file_id == after_failure.input_file_id
     assert submitted.provider_batch_id is not None
     assert emulator.batches[submitted.provider_batch_id]["input_file_id"] == (
@@ -416,3 +418,43 @@ async def test_no_error_contains_the_api_key(
     with pytest.raises(ProviderError) as info:
         await secret_bi.submit_batch(batch)
     assert_no_secret(info.value, secret_bi, secret_provider)
+
+
+async def test_resubmit_reattaches_to_a_batch_created_by_a_lost_attempt(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    # First attempt: uploaded, then the create answer never arrived.
+    emulator.fail_http("POST", "/batches", 500, times=1)
+    batch = await new_batch(bi)
+    with pytest.raises(ProviderUnavailableError):
+        await bi.submit_batch(batch)
+    uploaded = await bi.get_batch(batch)
+    assert uploaded.input_file_id is not None
+    # What the lost attempt did at the provider (a crash after the create call has this
+    # effect): a batch over our file, tagged with our id. Another app's batch sits beside it.
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {emulator.api_key}"}
+    ) as http:
+        for tag in (str(batch.id), str(uuid.uuid4())):
+            async with http.post(
+                f"{emulator.base_url}/batches",
+                json={
+                    "input_file_id": uploaded.input_file_id,
+                    "endpoint": CHAT,
+                    "completion_window": "24h",
+                    "metadata": {"batchinfer_batch_id": tag},
+                },
+            ) as resp:
+                assert resp.status == 200
+    ours = next(
+        bid
+        for bid, b in emulator.batches.items()
+        if b["metadata"] == {"batchinfer_batch_id": str(batch.id)}
+    )
+
+    submitted = await bi.submit_batch(batch)
+    assert submitted.provider_batch_id == ours
+    assert submitted.status is BatchStatus.VALIDATING
+    assert calls(emulator, "POST", "/v1/batches") == 3  # the failed one and the two above
+    assert calls(emulator, "POST", "/v1/files") == 1
+    assert {c.status async for c in bi.completions(batch)} == {CompletionStatus.SUBMITTED}

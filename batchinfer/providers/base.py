@@ -48,6 +48,16 @@ class Provider(Protocol):
 
     async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch: ...
 
+    async def find_batch(
+        self, *, metadata: dict[str, str], max_batches: int
+    ) -> ProviderBatch | None:
+        """The newest provider batch carrying all of ``metadata``, among the last few created.
+
+        Lets a submit that crashed after creating its batch re-attach instead of creating a
+        second one.
+        """
+        ...
+
     async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch: ...
 
     def open_file(self, file_id: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:

@@ -154,6 +154,27 @@ class OpenAIProvider:
         )
         return self._batch(body)
 
+    async def find_batch(
+        self, *, metadata: dict[str, str], max_batches: int = 1_000
+    ) -> ProviderBatch | None:
+        after: str | None = None
+        seen = 0
+        while seen < max_batches:
+            query = f"/batches?limit={min(100, max_batches - seen)}"
+            if after:
+                query += f"&after={after}"
+            page = await self._http.request_json("GET", query, what="listing batches")
+            data = [b for b in page.get("data") or [] if isinstance(b, dict)]
+            for body in data:
+                tags = body.get("metadata") or {}
+                if all(tags.get(k) == v for k, v in metadata.items()):
+                    return self._batch(body)
+            seen += len(data)
+            if not data or not page.get("has_more"):
+                return None
+            after = data[-1].get("id")
+        return None
+
     async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch:
         body = await self._http.request_json(
             "POST",
