@@ -7,7 +7,8 @@ run on the same data: read the whole file, then per line load the row, update it
     python benchmarks/apply_results.py --requests 50000
     BATCHINFER_DATABASE_URL=postgresql://... python benchmarks/apply_results.py
 
-Prints rates and the ratio to the baseline. Peak memory is this process's own VmHWM.
+Prints rates and the ratio to the baseline. Peak memory is this process's own VmHWM, reset
+before each phase.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import subprocess
@@ -30,6 +32,13 @@ import sqlalchemy as sa
 
 from batchinfer import BatchInfer, OpenAIProvider
 from batchinfer.testing.postgres import start_embedded_postgres
+
+
+def reset_peak_rss() -> None:
+    """Linux: start a new peak-RSS measurement for this process (clear_refs 5)."""
+    gc.collect()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_rss_mb() -> float:
@@ -162,16 +171,15 @@ async def run(args: argparse.Namespace, database_url: str) -> None:
                 requests=reqs,
             )
             create_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            batch = await bi.submit_batch(batch)
-            submit_s = time.perf_counter() - t0
-            mb = batch.input_bytes / 1e6
             del reqs
+            mb = batch.input_bytes / 1e6
+            # Each phase runs in a fresh process, so its peak memory is its own.
+            upload = await child("upload", database_url, schema, base, batch.id)
+            submit = await child("submit", database_url, schema, base, batch.id)
             while (await bi.fetch_batch_status(batch)).value != "completed":
                 await asyncio.sleep(0.25)
-            t0 = time.perf_counter()
-            batch = await bi.fetch_batch_results(batch)
-            apply_s = time.perf_counter() - t0
+            applied = await child("apply", database_url, schema, base, batch.id)
+            submit_s, apply_s = submit["seconds"], applied["seconds"]
             ours = args.requests / apply_s
 
             twin = await bi.create_batch(
@@ -189,17 +197,98 @@ async def run(args: argparse.Namespace, database_url: str) -> None:
 
         print(f"requests                 {args.requests:,} ({mb:.1f} MB of JSONL)")
         print(f"create                   {args.requests / create_s:,.0f} rows/s ({create_s:.2f} s)")
-        print(f"submit (upload+create)   {mb / submit_s:,.1f} MB/s ({submit_s:.2f} s)")
+        print(
+            f"upload from the database {mb / upload['seconds']:,.1f} MB/s "
+            f"({upload['seconds']:.2f} s, to a server that discards it)"
+        )
+        print(
+            f"submit (upload+create)   {mb / submit_s:,.1f} MB/s ({submit_s:.2f} s, "
+            "to the emulator, which stores and indexes the file)"
+        )
         print(f"apply results            {ours:,.0f} results/s ({apply_s:.2f} s)")
         print(
             f"baseline (per-row+commit) {base_rate:,.0f} results/s "
             f"(first {args.baseline_rows:,} lines)"
         )
         print(f"ratio to baseline        {ours / base_rate:.1f}x")
-        print(f"peak RSS of this process {peak_rss_mb():.0f} MB")
+        for name, phase in (("upload", upload), ("submit", submit), ("apply", applied)):
+            print(
+                f"peak RSS, {name:<6}         {phase['peak_mb']:.0f} MB "
+                f"(the process idle, connected: {phase['idle_mb']:.0f} MB)"
+            )
     finally:
         emulator.terminate()
         emulator.wait()
+
+
+async def child(
+    phase: str, database_url: str, schema: str, base: str, batch_id: uuid.UUID
+) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--schema",
+        schema,
+        "--base",
+        base,
+        "--batch",
+        str(batch_id),
+        env={**os.environ, "BATCHINFER_DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {phase} phase failed")
+    result: dict[str, float] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+async def _sink() -> tuple[aiohttp.web.AppRunner, str]:
+    """A server that reads an upload and throws it away: the client's side of the upload alone."""
+    from aiohttp import web
+
+    async def files(request: web.Request) -> web.Response:
+        reader = await request.multipart()
+        async for part in reader:
+            if isinstance(part, aiohttp.BodyPartReader):
+                while await part.read_chunk(1 << 20):
+                    pass
+        return web.json_response({"id": "file-sink"})
+
+    app = web.Application()
+    app.router.add_post("/v1/files", files)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
+async def run_phase(args: argparse.Namespace, database_url: str) -> None:
+    runner = None
+    if args.phase == "upload":
+        runner, args.base = await _sink()
+    provider = OpenAIProvider(api_key="k", base_url=args.base)
+    async with BatchInfer(database_url, providers=[provider], schema=args.schema) as bi:
+        batch = await bi.get_batch(args.batch)  # connects and warms up
+        idle = peak_rss_mb()
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        if args.phase == "submit":
+            await bi.submit_batch(batch)
+        elif args.phase == "upload":
+            lifecycle = bi._lifecycle
+            await provider.upload_input(
+                lambda: lifecycle._input_stream(batch, provider), filename="sink.jsonl"
+            )
+        else:
+            await bi.fetch_batch_results(batch)
+        seconds = time.perf_counter() - t0
+    if runner is not None:
+        await runner.cleanup()
+    print(orjson.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "idle_mb": idle}).decode())
 
 
 def main() -> None:
@@ -207,8 +296,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--words", type=int, default=120, help="words per prompt (line size)")
     parser.add_argument("--baseline-rows", type=int, default=5_000)
+    parser.add_argument("--phase", choices=["upload", "submit", "apply"], help=argparse.SUPPRESS)
+    parser.add_argument("--schema", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     url = os.environ.get("BATCHINFER_DATABASE_URL")
+    if args.phase:
+        assert url is not None
+        asyncio.run(run_phase(args, url))
+        return
     if url:
         asyncio.run(run(args, url))
         return
