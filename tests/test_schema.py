@@ -78,3 +78,33 @@ async def test_migrated_schema_matches_the_table_definitions(
 async def test_schema_name_is_checked(engine: AsyncEngine, emulator: Emulator) -> None:
     with pytest.raises(ValueError, match="schema"):
         _client(engine, 'bad"; DROP TABLE x; --', emulator)
+
+
+async def test_wide_columns_use_lz4_where_the_server_has_it(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    async with _client(engine, schema, emulator) as bi:
+        await bi.migrate()
+    async with engine.connect() as conn:
+        has_lz4 = (
+            await conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_settings "
+                    "WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)"
+                )
+            )
+        ).scalar_one()
+        methods = dict(
+            (
+                await conn.execute(
+                    sa.text(
+                        "SELECT attname, attcompression::text FROM pg_attribute "
+                        "WHERE attrelid = CAST(:t AS regclass) "
+                        "AND attname IN ('request_body', 'response_body')"
+                    ),
+                    {"t": f'"{schema}".completions'},
+                )
+            ).all()
+        )
+    expected = "l" if has_lz4 else ""
+    assert methods == {"request_body": expected, "response_body": expected}
