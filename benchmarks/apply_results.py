@@ -21,7 +21,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +30,7 @@ import orjson
 import sqlalchemy as sa
 
 from batchinfer import BatchInfer, OpenAIProvider
-from batchinfer.testing.postgres import start_embedded_postgres
+from batchinfer.testing.postgres import database_or_embedded
 
 
 def reset_peak_rss() -> None:
@@ -306,15 +305,8 @@ def main() -> None:
         assert url is not None
         asyncio.run(run_phase(args, url))
         return
-    if url:
-        asyncio.run(run(args, url))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_embedded_postgres(Path(tmp) / "pgdata")
-        try:
-            asyncio.run(run(args, server.url))
-        finally:
-            server.stop()
+    with database_or_embedded(url) as database_url:
+        asyncio.run(run(args, database_url))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
@@ -99,15 +97,7 @@ async def _exercise(database_url: str) -> None:
 
 
 if __name__ == "__main__":
-    url = os.environ.get("BATCHINFER_DATABASE_URL")
-    if url:
-        asyncio.run(_exercise(url))
-    else:
-        from batchinfer.testing.postgres import start_embedded_postgres
+    from batchinfer.testing.postgres import database_or_embedded
 
-        with tempfile.TemporaryDirectory() as tmp:
-            server = start_embedded_postgres(Path(tmp) / "pgdata")
-            try:
-                asyncio.run(_exercise(server.url))
-            finally:
-                server.stop()
+    with database_or_embedded(os.environ.get("BATCHINFER_DATABASE_URL")) as url:
+        asyncio.run(_exercise(url))

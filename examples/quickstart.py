@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
-from pathlib import Path
 
 from batchinfer import BatchInfer, OpenAIProvider
 from batchinfer.testing import Emulator
-from batchinfer.testing.postgres import start_embedded_postgres
+from batchinfer.testing.postgres import database_or_embedded
 
 
 async def main(database_url: str) -> None:
@@ -45,13 +43,5 @@ async def main(database_url: str) -> None:
 
 
 if __name__ == "__main__":
-    url = os.environ.get("BATCHINFER_DATABASE_URL")
-    if url:
+    with database_or_embedded(os.environ.get("BATCHINFER_DATABASE_URL")) as url:
         asyncio.run(main(url))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            server = start_embedded_postgres(Path(tmp) / "pgdata")
-            try:
-                asyncio.run(main(server.url))
-            finally:
-                server.stop()

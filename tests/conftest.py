@@ -8,10 +8,8 @@ dropped afterwards), so tests never see each other's rows.
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from batchinfer import BatchInfer, OpenAIProvider
 from batchinfer.testing import Emulator
-from batchinfer.testing.postgres import start_embedded_postgres
+from batchinfer.testing.postgres import database_or_embedded
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,16 +31,8 @@ def _fast_retries() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    url = os.environ.get("BATCHINFER_TEST_DATABASE_URL")
-    if url:
+    with database_or_embedded(os.environ.get("BATCHINFER_TEST_DATABASE_URL")) as url:
         yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="batchinfer-test-pg-") as tmp:
-        server = start_embedded_postgres(Path(tmp) / "data")
-        try:
-            yield server.url
-        finally:
-            server.stop()
 
 
 @pytest.fixture(scope="session")

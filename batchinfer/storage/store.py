@@ -173,83 +173,64 @@ class Store:
         metadata: dict[str, Any],
         requests: AsyncIterator[NewRequest],
     ) -> Batch:
-        """The batch row and every completion row, in one transaction."""
-        try:
-            return await self._create_batch(
-                provider=provider,
-                endpoint=endpoint,
-                model=model,
-                metadata=metadata,
-                requests=_guarded(requests),
-            )
-        except _SourceError as exc:
-            # The transaction is rolled back; the caller sees its own error, not a DB one.
-            raise exc.original from None
-
-    async def _create_batch(
-        self,
-        *,
-        provider: str,
-        endpoint: str,
-        model: str,
-        metadata: dict[str, Any],
-        requests: AsyncIterator[NewRequest],
-    ) -> Batch:
+        """The batch row and every completion row (COPY, in chunks), in one transaction."""
         batch_id = uuid.uuid4()
-        async with self._tx("creating the batch") as conn:
-            await conn.execute(
-                batches.insert().values(
-                    id=batch_id,
-                    provider=provider,
-                    endpoint=endpoint,
-                    model=model,
-                    status=BatchStatus.PENDING.value,
-                    request_total=0,
-                    input_bytes=0,
-                    metadata=metadata,
-                )
-            )
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
-            count, size = 0, 0
-            records: list[tuple[Any, ...]] = []
-            async for req in requests:
-                count += 1
-                size += req.line_bytes
-                records.append(
-                    (
-                        batch_id,
-                        req.custom_id,
-                        req.line_no,
-                        CompletionStatus.PENDING.value,
-                        req.body_json.decode(),
-                        _dumps(req.metadata),
+        try:
+            async with self._tx("creating the batch") as conn:
+                await conn.execute(
+                    batches.insert().values(
+                        id=batch_id,
+                        provider=provider,
+                        endpoint=endpoint,
+                        model=model,
+                        status=BatchStatus.PENDING.value,
+                        request_total=0,
+                        input_bytes=0,
+                        metadata=metadata,
                     )
                 )
-                if len(records) >= _COPY_CHUNK:
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                count, size = 0, 0
+                records: list[tuple[Any, ...]] = []
+
+                async def flush() -> None:
                     await driver.copy_records_to_table(
                         "completions",
                         schema_name=self.schema,
                         columns=_COMPLETION_COLUMNS,
                         records=records,
                     )
-                    records = []
-            if records:
-                await driver.copy_records_to_table(
-                    "completions",
-                    schema_name=self.schema,
-                    columns=_COMPLETION_COLUMNS,
-                    records=records,
-                )
-            row = (
-                await conn.execute(
-                    batches.update()
-                    .where(batches.c.id == batch_id)
-                    .values(request_total=count, input_bytes=size)
-                    .returning(batches)
-                )
-            ).one()
+                    records.clear()
+
+                async for req in _guarded(requests):
+                    count += 1
+                    size += req.line_bytes
+                    records.append(
+                        (
+                            batch_id,
+                            req.custom_id,
+                            req.line_no,
+                            CompletionStatus.PENDING.value,
+                            req.body_json.decode(),
+                            _dumps(req.metadata),
+                        )
+                    )
+                    if len(records) >= _COPY_CHUNK:
+                        await flush()
+                if records:
+                    await flush()
+                row = (
+                    await conn.execute(
+                        batches.update()
+                        .where(batches.c.id == batch_id)
+                        .values(request_total=count, input_bytes=size)
+                        .returning(batches)
+                    )
+                ).one()
+        except _SourceError as exc:
+            # Rolled back; the caller sees its own iterator's error, not a database one.
+            raise exc.original from exc.original.__cause__
         return _batch(row)
 
     async def get_batch(self, batch_id: uuid.UUID) -> Batch:

@@ -6,7 +6,10 @@ inside its data directory, so it needs no port and no system install.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,3 +47,17 @@ def start_embedded_postgres(pgdata: Path, *, cleanup: str = "delete") -> Embedde
     info = server.get_postmaster_info()
     url = f"postgresql+asyncpg://postgres@/postgres?host={info.socket_dir}&port={info.port}"
     return EmbeddedPostgres(url=url, pgdata=pgdata, _server=server)
+
+
+@contextmanager
+def database_or_embedded(url: str | None) -> Iterator[str]:
+    """Yield ``url`` if given, else the URL of an embedded Postgres that lives for the block."""
+    if url:
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="batchinfer-pg-") as tmp:
+        server = start_embedded_postgres(Path(tmp) / "pgdata")
+        try:
+            yield server.url
+        finally:
+            server.stop()
