@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -30,7 +29,6 @@ from batchinfer.domain import (
     CompletionStatus,
     NewRequest,
     ProviderBatch,
-    RequestCounts,
     ResultOutcome,
 )
 from batchinfer.errors import (
@@ -38,6 +36,13 @@ from batchinfer.errors import (
     InvalidBatchError,
     SchemaNotReadyError,
     StorageError,
+)
+from batchinfer.storage.rows import (
+    batch_from_row,
+    completion_from_row,
+    dumps,
+    outcome_rows,
+    provider_values,
 )
 from batchinfer.storage.tables import batches, completions
 
@@ -48,21 +53,6 @@ _TERMINAL = ("completed", "failed")
 _COPY_CHUNK = 5_000
 _COMPLETION_COLUMNS = ("batch_id", "custom_id", "line_no", "status", "request_body", "metadata")
 _UNDEFINED = {"42P01", "3F000"}  # undefined_table, invalid_schema_name
-
-
-# jsonb and text cannot hold U+0000, which a model can emit; orjson writes it as \u0000 and a
-# backslash as \\, so an escape preceded by an even run of backslashes is a real NUL. Results
-# get U+FFFD in its place rather than failing the whole chunk.
-_ENCODED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
-
-
-def _dumps(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = orjson.dumps(value).decode()
-    if "\\u0000" in text:
-        text = _ENCODED_NUL.sub(r"\1\\ufffd", text)
-    return text
 
 
 @contextmanager
@@ -213,7 +203,7 @@ class Store:
                             req.line_no,
                             CompletionStatus.PENDING.value,
                             req.body_json.decode(),
-                            _dumps(req.metadata),
+                            dumps(req.metadata),
                         )
                     )
                     if len(records) >= _COPY_CHUNK:
@@ -231,7 +221,7 @@ class Store:
         except _SourceError as exc:
             # Rolled back; the caller sees its own iterator's error, not a database one.
             raise exc.original from exc.original.__cause__
-        return _batch(row)
+        return batch_from_row(row)
 
     async def get_batch(self, batch_id: uuid.UUID) -> Batch:
         with wrap_db_errors(f"reading batch {batch_id}"):
@@ -241,7 +231,7 @@ class Store:
                 ).one_or_none()
         if row is None:
             raise BatchNotFoundError(f"no batch {batch_id} in schema {self.schema!r}")
-        return _batch(row)
+        return batch_from_row(row)
 
     async def list_batches(
         self, *, status: BatchStatus | None = None, limit: int = 50
@@ -251,7 +241,7 @@ class Store:
             query = query.where(batches.c.status == status.value)
         with wrap_db_errors("listing batches"):
             async with self._engine.connect() as conn:
-                return [_batch(r) for r in await conn.execute(query)]
+                return [batch_from_row(r) for r in await conn.execute(query)]
 
     async def request_pages(
         self, batch_id: uuid.UUID, *, page_size: int = 2_000
@@ -297,7 +287,7 @@ class Store:
                     .values(
                         provider_batch_id=pb.id,
                         submitted_at=sa.func.now(),
-                        **_provider_values(pb),
+                        **provider_values(pb),
                         status=pb.status.value,
                         ended_at=sa.func.now() if pb.status.is_terminal else None,
                         input_file_id=pb.input_file_id or batches.c.input_file_id,
@@ -321,7 +311,7 @@ class Store:
                     started_at=sa.func.coalesce(completions.c.started_at, sa.func.now()),
                 )
             )
-        return _batch(row)
+        return batch_from_row(row)
 
     async def record_status(self, batch_id: uuid.UUID, pb: ProviderBatch) -> Batch:
         """Store what the provider reports, under a row lock; a terminal status is never undone.
@@ -348,10 +338,10 @@ class Store:
                 update = update.values(
                     status=pb.status.value,
                     ended_at=sa.func.now() if pb.status.is_terminal else None,
-                    **_provider_values(pb),
+                    **provider_values(pb),
                 )
             row = (await conn.execute(update)).one()
-        return _batch(row)
+        return batch_from_row(row)
 
     # -- results ------------------------------------------------------------------------------
 
@@ -407,7 +397,7 @@ class Store:
             RETURNING c.custom_id
         """)
         params = {
-            "rows": _outcome_rows(outcomes),
+            "rows": outcome_rows(outcomes),
             "batch_id": batch_id,
             "completion_id": completion_id,
         }
@@ -514,7 +504,7 @@ class Store:
                     .returning(batches)
                 )
             ).one()
-        return _batch(row), swept
+        return batch_from_row(row), swept
 
     # -- completions --------------------------------------------------------------------------
 
@@ -540,7 +530,7 @@ class Store:
                     rows = (await conn.execute(query)).all()
             if not rows:
                 return
-            yield [_completion(r) for r in rows]
+            yield [completion_from_row(r) for r in rows]
             after = rows[-1].line_no
 
     async def get_completion(self, completion_id: int) -> Completion:
@@ -551,7 +541,7 @@ class Store:
                         sa.select(completions).where(completions.c.id == completion_id)
                     )
                 ).one()
-        return _completion(row)
+        return completion_from_row(row)
 
     async def create_live_completion(
         self, *, custom_id: str, body: dict[str, Any], metadata: dict[str, Any]
@@ -602,89 +592,3 @@ class Store:
             "cached_tokens": sum(int(r[4]) for r in rows),
             "reasoning_tokens": sum(int(r[5]) for r in rows),
         }
-
-
-def _provider_values(pb: ProviderBatch) -> dict[str, Any]:
-    return {
-        "output_file_id": pb.output_file_id,
-        "error_file_id": pb.error_file_id,
-        "counts_total": pb.request_counts.total,
-        "counts_completed": pb.request_counts.completed,
-        "counts_failed": pb.request_counts.failed,
-        "provider_errors": [
-            {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
-            for e in pb.errors
-        ],
-        "provider_response": pb.raw,
-        "failure_reason": pb.failure_reason(),
-        "updated_at": sa.func.now(),
-    }
-
-
-def _outcome_rows(outcomes: Sequence[ResultOutcome]) -> str:
-    rows = []
-    for o in outcomes:
-        row: dict[str, Any] = {
-            "custom_id": o.custom_id,
-            "status": o.status.value,
-            "status_code": o.status_code,
-            "provider_request_id": o.provider_request_id,
-            "failure_error": o.failure_error,
-            "failure_reason": o.failure_reason,
-        }
-        r = o.response
-        if r is not None:
-            u = r.usage
-            row["response_body"] = r.body
-            row["output_text"] = r.output_text
-            row["tool_calls"] = r.tool_calls
-            row["finish_reason"] = r.finish_reason
-            row["prompt_tokens"] = u.prompt_tokens
-            row["completion_tokens"] = u.completion_tokens
-            row["total_tokens"] = u.total_tokens
-            row["cached_tokens"] = u.cached_tokens
-            row["reasoning_tokens"] = u.reasoning_tokens
-        if o.costs is not None:
-            # Decimal as a JSON string: numeric parses it exactly, no float on the way.
-            row["input_cost"] = str(o.costs.input)
-            row["output_cost"] = str(o.costs.output)
-        rows.append(row)
-    return _dumps(rows) or "[]"
-
-
-def _batch(row: sa.Row[Any]) -> Batch:
-    m = row._mapping
-    return Batch(
-        id=m["id"],
-        provider=m["provider"],
-        endpoint=m["endpoint"],
-        model=m["model"],
-        status=BatchStatus(m["status"]),
-        provider_batch_id=m["provider_batch_id"],
-        input_file_id=m["input_file_id"],
-        output_file_id=m["output_file_id"],
-        error_file_id=m["error_file_id"],
-        request_counts=RequestCounts(
-            total=m["counts_total"], completed=m["counts_completed"], failed=m["counts_failed"]
-        ),
-        provider_errors=list(m["provider_errors"] or []),
-        metadata=dict(m["metadata"] or {}),
-        request_total=m["request_total"],
-        input_bytes=m["input_bytes"],
-        created_at=m["created_at"],
-        submitted_at=m["submitted_at"],
-        ended_at=m["ended_at"],
-        results_applied_at=m["results_applied_at"],
-        failure_reason=m["failure_reason"],
-        input_cost=m["input_cost"],
-        output_cost=m["output_cost"],
-        total_cost=m["total_cost"],
-    )
-
-
-def _completion(row: sa.Row[Any]) -> Completion:
-    # The dataclass's fields are the table's columns, by name.
-    values = dict(row._mapping)
-    values["status"] = CompletionStatus(values["status"])
-    values["metadata"] = dict(values["metadata"] or {})
-    return Completion(**values)

@@ -1,0 +1,120 @@
+"""Rows to domain objects and back: the values the store reads and writes; no statements."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from batchinfer.domain import (
+    Batch,
+    BatchStatus,
+    Completion,
+    CompletionStatus,
+    ProviderBatch,
+    RequestCounts,
+    ResultOutcome,
+)
+
+# jsonb and text cannot hold U+0000, which a model can emit; orjson writes it as \u0000 and a
+# backslash as \\, so an escape preceded by an even run of backslashes is a real NUL. Results
+# get U+FFFD in its place rather than failing the whole chunk.
+_ENCODED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def dumps(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = orjson.dumps(value).decode()
+    if "\\u0000" in text:
+        text = _ENCODED_NUL.sub(r"\1\\ufffd", text)
+    return text
+
+
+def provider_values(pb: ProviderBatch) -> dict[str, Any]:
+    return {
+        "output_file_id": pb.output_file_id,
+        "error_file_id": pb.error_file_id,
+        "counts_total": pb.request_counts.total,
+        "counts_completed": pb.request_counts.completed,
+        "counts_failed": pb.request_counts.failed,
+        "provider_errors": [
+            {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
+            for e in pb.errors
+        ],
+        "provider_response": pb.raw,
+        "failure_reason": pb.failure_reason(),
+        "updated_at": sa.func.now(),
+    }
+
+
+def outcome_rows(outcomes: Sequence[ResultOutcome]) -> str:
+    rows = []
+    for o in outcomes:
+        row: dict[str, Any] = {
+            "custom_id": o.custom_id,
+            "status": o.status.value,
+            "status_code": o.status_code,
+            "provider_request_id": o.provider_request_id,
+            "failure_error": o.failure_error,
+            "failure_reason": o.failure_reason,
+        }
+        r = o.response
+        if r is not None:
+            u = r.usage
+            row["response_body"] = r.body
+            row["output_text"] = r.output_text
+            row["tool_calls"] = r.tool_calls
+            row["finish_reason"] = r.finish_reason
+            row["prompt_tokens"] = u.prompt_tokens
+            row["completion_tokens"] = u.completion_tokens
+            row["total_tokens"] = u.total_tokens
+            row["cached_tokens"] = u.cached_tokens
+            row["reasoning_tokens"] = u.reasoning_tokens
+        if o.costs is not None:
+            # Decimal as a JSON string: numeric parses it exactly, no float on the way.
+            row["input_cost"] = str(o.costs.input)
+            row["output_cost"] = str(o.costs.output)
+        rows.append(row)
+    return dumps(rows) or "[]"
+
+
+def batch_from_row(row: sa.Row[Any]) -> Batch:
+    m = row._mapping
+    return Batch(
+        id=m["id"],
+        provider=m["provider"],
+        endpoint=m["endpoint"],
+        model=m["model"],
+        status=BatchStatus(m["status"]),
+        provider_batch_id=m["provider_batch_id"],
+        input_file_id=m["input_file_id"],
+        output_file_id=m["output_file_id"],
+        error_file_id=m["error_file_id"],
+        request_counts=RequestCounts(
+            total=m["counts_total"], completed=m["counts_completed"], failed=m["counts_failed"]
+        ),
+        provider_errors=list(m["provider_errors"] or []),
+        metadata=dict(m["metadata"] or {}),
+        request_total=m["request_total"],
+        input_bytes=m["input_bytes"],
+        created_at=m["created_at"],
+        submitted_at=m["submitted_at"],
+        ended_at=m["ended_at"],
+        results_applied_at=m["results_applied_at"],
+        failure_reason=m["failure_reason"],
+        input_cost=m["input_cost"],
+        output_cost=m["output_cost"],
+        total_cost=m["total_cost"],
+    )
+
+
+def completion_from_row(row: sa.Row[Any]) -> Completion:
+    # The dataclass's fields are the table's columns, by name.
+    values = dict(row._mapping)
+    values["status"] = CompletionStatus(values["status"])
+    values["metadata"] = dict(values["metadata"] or {})
+    return Completion(**values)
