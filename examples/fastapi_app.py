@@ -1,8 +1,9 @@
 """A FastAPI app that submits batches and collects them in the background.
 
 One BatchInfer for the app's lifetime (lifespan), routes that create and inspect batches, and a
-background task that waits for each batch and applies its results. Run it with
-``uvicorn examples.fastapi_app:app``; run this file directly to exercise it once end to end.
+background task that waits for each batch and applies its results. Serve it against OpenAI with
+``uvicorn --factory examples.fastapi_app:app_from_env`` (reads BATCHINFER_DATABASE_URL and
+OPENAI_API_KEY); run this file directly to exercise it once end to end against the emulator.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def create_app(database_url: str, *, api_key: str, base_url: str) -> FastAPI:
         return body
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    return create_app(
+        os.environ["BATCHINFER_DATABASE_URL"],
+        api_key=os.environ["OPENAI_API_KEY"],
+        base_url=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    )
 
 
 async def _exercise(database_url: str) -> None:
