@@ -6,7 +6,6 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
@@ -19,11 +18,9 @@ from batchinfer.domain import (
     BatchStatus,
     Completion,
     CompletionStatus,
-    ResultOutcome,
 )
 from batchinfer.errors import (
     InvalidRequestError,
-    ProviderError,
     ResultsNotReadyError,
     TransientProviderError,
 )
@@ -31,14 +28,11 @@ from batchinfer.lifecycle import Lifecycle
 from batchinfer.pricing import Price, Pricing
 from batchinfer.providers.base import Provider
 from batchinfer.storage.store import Store
-from batchinfer.validation import Requests, validate_requests
+from batchinfer.validation import Requests
 
 logger = logging.getLogger(__name__)
 
 BatchRef = Batch | uuid.UUID | str
-
-#: Live calls are priced at the full rate.
-_LIVE_RATE = Decimal(1)
 
 
 def _batch_id(batch: BatchRef) -> uuid.UUID:
@@ -238,63 +232,14 @@ class BatchInfer:
         The body is checked as a batch request would be and the response goes through the same
         parser and the same write as batch results; it is priced at the live rate.
         """
-        adapter = self._lifecycle.provider(provider)
-        cid = custom_id or f"live-{uuid.uuid4()}"
-        checked = [
-            r
-            async for r in _validated_one(
-                cid, body, metadata, endpoint=endpoint, model=model, provider=adapter
-            )
-        ]
-        request = checked[0]
-        completion_id = await self.store.create_live_completion(
-            custom_id=cid, body=orjson.loads(request.body_json), metadata=request.metadata
+        return await self._lifecycle.complete_live(
+            provider=provider,
+            endpoint=endpoint,
+            model=model,
+            body=body,
+            custom_id=custom_id or f"live-{uuid.uuid4()}",
+            metadata=metadata,
         )
-        try:
-            parsed = await adapter.complete(endpoint, orjson.loads(request.body_json))
-        except ProviderError as exc:
-            # Record the failure on the row, so no live request stays "submitted" for ever.
-            failed = ResultOutcome(
-                custom_id=cid,
-                status=CompletionStatus.FAILED,
-                status_code=exc.status,
-                failure_error=f"{adapter.name} live request failed (status: {exc.status})",
-                failure_reason=str(exc)[:255],
-            )
-            await self.store.apply_outcomes(None, [failed], completion_id=completion_id)
-            raise
-        response_model = parsed.body.get("model")
-        costs = self._lifecycle.pricing.costs(
-            adapter.name,
-            response_model if isinstance(response_model, str) else model,
-            parsed.usage,
-            discount=_LIVE_RATE,
-        )
-        outcome = ResultOutcome(
-            custom_id=cid,
-            status=CompletionStatus.COMPLETED,
-            response=parsed,
-            status_code=200,
-            costs=costs,
-        )
-        await self.store.apply_outcomes(None, [outcome], completion_id=completion_id)
-        return await self.store.get_completion(completion_id)
-
-
-async def _validated_one(
-    custom_id: str,
-    body: Mapping[str, Any],
-    metadata: Mapping[str, Any] | None,
-    *,
-    endpoint: str,
-    model: str,
-    provider: Provider,
-) -> AsyncIterator[Any]:
-    request = {"custom_id": custom_id, "body": body, "metadata": metadata or {}}
-    async for r in validate_requests(
-        [request], endpoint=endpoint, model=model, limits=provider.limits
-    ):
-        yield r
 
 
 def _asyncpg_url(url: str) -> str:

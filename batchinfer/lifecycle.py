@@ -11,12 +11,16 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from batchinfer.domain import (
     ApplyReport,
     Batch,
     BatchStatus,
+    Completion,
     CompletionStatus,
     Costs,
     Pricer,
@@ -26,6 +30,7 @@ from batchinfer.domain import (
 from batchinfer.errors import (
     InvalidBatchError,
     JsonlError,
+    ProviderError,
     ProviderRejectedError,
     ResultsNotReadyError,
 )
@@ -39,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 _UPLOAD_LINES_PER_CHUNK = 2_000
 _YIELD_EVERY = 100
+#: Live calls are priced at the full rate.
+_LIVE_RATE = Decimal(1)
 
 
 @dataclasses.dataclass(slots=True)
@@ -262,7 +269,9 @@ class Lifecycle:
                                 ),
                             )
 
-        price = self.pricer(batch)
+        price = self.pricer(
+            batch.provider, batch.model, self.provider(batch.provider).batch_discount
+        )
 
         async def producer() -> None:
             chunk: list[tuple[int, ResultOutcome]] = []
@@ -335,15 +344,65 @@ class Lifecycle:
                 failure_reason=f"{type(exc).__name__}: {exc}"[:255],
             )
 
-    def pricer(self, batch: Batch) -> Pricer:
-        """Prices a batch's responses: by the model each names, else the batch's model."""
+    def pricer(self, provider: str, model: str, discount: Decimal) -> Pricer:
+        """Prices responses by the model each names, else ``model``, times ``discount``."""
         costs = self.pricing.costs
-        discount = self.provider(batch.provider).batch_discount
 
-        def price(model: str | None, usage: Usage) -> Costs | None:
-            return costs(batch.provider, model or batch.model, usage, discount=discount)
+        def price(named: str | None, usage: Usage) -> Costs | None:
+            return costs(provider, named or model, usage, discount=discount)
 
         return price
+
+    # -- the realtime path --------------------------------------------------------------------
+
+    async def complete_live(
+        self,
+        *,
+        provider: str,
+        endpoint: str,
+        model: str,
+        body: Mapping[str, Any],
+        custom_id: str,
+        metadata: Mapping[str, Any] | None,
+    ) -> Completion:
+        """One live call, checked, parsed, priced (at the full rate) and stored as batch results
+        are; a provider error is recorded on the row before it is raised."""
+        adapter = self.provider(provider)
+        request = {"custom_id": custom_id, "body": body, "metadata": metadata or {}}
+        [checked] = [
+            r
+            async for r in validate_requests(
+                [request], endpoint=endpoint, model=model, limits=adapter.limits
+            )
+        ]
+        sent = orjson.loads(checked.body_json)
+        completion_id = await self.store.create_live_completion(
+            custom_id=custom_id, body=sent, metadata=checked.metadata
+        )
+        try:
+            parsed = await adapter.complete(endpoint, sent)
+        except ProviderError as exc:
+            failed = ResultOutcome(
+                custom_id=custom_id,
+                status=CompletionStatus.FAILED,
+                status_code=exc.status,
+                failure_error=f"{adapter.name} live request failed (status: {exc.status})",
+                failure_reason=str(exc)[:255],
+            )
+            await self.store.apply_outcomes(None, [failed], completion_id=completion_id)
+            raise
+        named = parsed.body.get("model")
+        outcome = ResultOutcome(
+            custom_id=custom_id,
+            status=CompletionStatus.COMPLETED,
+            response=parsed,
+            status_code=200,
+            costs=self.pricer(provider, model, _LIVE_RATE)(
+                named if isinstance(named, str) else None, parsed.usage
+            ),
+        )
+        await self.store.apply_outcomes(None, [outcome], completion_id=completion_id)
+        return await self.store.get_completion(completion_id)
 
 
 def _extra(batch: Batch, **fields: Any) -> dict[str, Any]:
