@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from batchinfer.domain import (
@@ -65,19 +67,32 @@ class BatchInfer:
         apply_chunk_size: int = 1_000,
         apply_writers: int = 2,
     ) -> None:
+        if apply_writers < 1 or apply_chunk_size < 1:
+            raise ValueError("apply_writers and apply_chunk_size must be at least 1")
         if isinstance(database, AsyncEngine):
             self._engine, self._owns_engine = database, False
         elif isinstance(database, str):
-            self._engine = create_async_engine(
-                _asyncpg_url(database),
-                json_serializer=lambda v: orjson.dumps(v).decode(),
-                json_deserializer=orjson.loads,
-                pool_size=max(5, apply_writers + 2),
-                pool_pre_ping=True,
-            )
+            try:
+                self._engine = create_async_engine(
+                    _asyncpg_url(database),
+                    json_serializer=lambda v: orjson.dumps(v).decode(),
+                    json_deserializer=orjson.loads,
+                    pool_size=max(5, apply_writers + 2),
+                    pool_pre_ping=True,
+                )
+            except (SQLAlchemyError, ImportError, ValueError) as exc:
+                raise ValueError(
+                    f"cannot use {_redacted(database)!r} as a database: {exc}; give a "
+                    "postgresql+asyncpg://user@host/db URL"
+                ) from exc
             self._owns_engine = True
         else:
             raise TypeError("database must be a postgresql+asyncpg:// URL or an AsyncEngine")
+        if self._engine.dialect.driver != "asyncpg":
+            raise ValueError(
+                f"batchinfer needs the asyncpg driver (bulk COPY); this engine uses "
+                f"{self._engine.dialect.driver!r}: use a postgresql+asyncpg:// URL"
+            )
         names = [p.name for p in providers]
         if len(set(names)) != len(names):
             raise ValueError(f"two providers share a name: {names}")
@@ -149,12 +164,14 @@ class BatchInfer:
         """Ask the provider to cancel; usually returns ``cancelling``."""
         return (await self._lifecycle.cancel(_batch_id(batch))).status
 
-    async def fetch_batch_results(self, batch: BatchRef) -> Batch:
+    async def fetch_batch_results(self, batch: BatchRef, *, force: bool = False) -> Batch:
         """Apply the output and error files, fail what is in neither, and total the costs.
 
         Idempotent: a second call, or one after a crash half-way, changes nothing applied.
+        Raises ResultsNotReadyError while the provider's counts say a file is still to come;
+        ``force=True`` applies what is there and fails the rest.
         """
-        return await self._lifecycle.fetch_results(_batch_id(batch))
+        return await self._lifecycle.fetch_results(_batch_id(batch), force=force)
 
     async def wait(
         self,
@@ -240,6 +257,11 @@ class BatchInfer:
             custom_id=custom_id or f"live-{uuid.uuid4()}",
             metadata=metadata,
         )
+
+
+def _redacted(url: str) -> str:
+    # A URL may carry a password; error messages never do.
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
 
 def _asyncpg_url(url: str) -> str:

@@ -51,6 +51,7 @@ async def run_demo(
     database_url: str | None = None,
     step_seconds: float = 1.0,
     model: str = "gpt-4o-mini",
+    schema: str = "batchinfer",
     out: TextIO = sys.stdout,
 ) -> Batch:
     """Create, submit, follow and collect one batch; print what a user wants to see."""
@@ -77,7 +78,7 @@ async def run_demo(
 
         provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
         bi = await stack.enter_async_context(
-            BatchInfer(database_url, providers=[provider], poll_interval=0.5)
+            BatchInfer(database_url, providers=[provider], schema=schema, poll_interval=0.5)
         )
         await bi.migrate()
 

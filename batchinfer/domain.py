@@ -35,6 +35,11 @@ class BatchStatus(enum.StrEnum):
         return self in TERMINAL_BATCH_STATUSES
 
     @property
+    def rank(self) -> int:
+        """How far along the lifecycle: a status never moves to a lower rank."""
+        return _BATCH_RANK[self]
+
+    @property
     def has_results(self) -> bool:
         """Terminal statuses whose files may hold paid-for results."""
         return self in (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
@@ -43,6 +48,16 @@ class BatchStatus(enum.StrEnum):
 TERMINAL_BATCH_STATUSES = frozenset(
     {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
 )
+
+
+_BATCH_RANK = {
+    BatchStatus.PENDING: 0,
+    BatchStatus.VALIDATING: 1,
+    BatchStatus.IN_PROGRESS: 2,
+    BatchStatus.FINALIZING: 3,
+    BatchStatus.CANCELLING: 4,
+    **dict.fromkeys(TERMINAL_BATCH_STATUSES, 5),
+}
 
 
 class CompletionStatus(enum.StrEnum):

@@ -9,7 +9,8 @@
     ├── ResultsNotReadyError     transient: the provider says done but its files are not there yet
     ├── JsonlError               a line of a provider file could not be read (carries line_no)
     ├── StorageError             the database failed (cause chained)
-    │   └── SchemaNotReadyError  the tables are missing or older than this version: run migrate()
+    │   ├── SchemaNotReadyError  the tables are missing or older than this version: run migrate()
+    │   └── DataRejectedError    the database refused a value (out of range, invalid text)
     └── ProviderError            the provider answered with an error, or could not be reached
         ├── TransientProviderError     worth retrying later
         │   ├── RateLimitedError       429, with retry_after in seconds when the provider said
@@ -73,6 +74,10 @@ class StorageError(BatchInferError):
 
 class SchemaNotReadyError(StorageError):
     """The batchinfer tables are missing or out of date; call ``await bi.migrate()``."""
+
+
+class DataRejectedError(StorageError):
+    """The database refused a value as invalid for its column (SQLSTATE class 22)."""
 
 
 class ProviderError(BatchInferError):

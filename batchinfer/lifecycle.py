@@ -7,10 +7,11 @@ conditional on the current state, so any step can crash and simply be run again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -28,6 +29,7 @@ from batchinfer.domain import (
     Usage,
 )
 from batchinfer.errors import (
+    DataRejectedError,
     InvalidBatchError,
     JsonlError,
     ProviderError,
@@ -37,13 +39,14 @@ from batchinfer.errors import (
 from batchinfer.jsonl import RawLine, decode_object, iter_lines
 from batchinfer.pricing import Pricing
 from batchinfer.providers.base import Provider
-from batchinfer.storage.store import Store
-from batchinfer.validation import Requests, validate_requests
+from batchinfer.storage.store import ApplyResult, Store
+from batchinfer.validation import Requests, check_batch_metadata, validate_requests
 
 logger = logging.getLogger(__name__)
 
 _UPLOAD_LINES_PER_CHUNK = 2_000
 _YIELD_EVERY = 100
+_FILE_ID_CHANGES = 3
 #: Live calls are priced at the full rate.
 _LIVE_RATE = Decimal(1)
 
@@ -76,6 +79,8 @@ class Lifecycle:
         self.apply_writers = apply_writers
         #: How many of the provider's newest batches a retried submit looks through.
         self.reattach_scan = 1_000
+        #: Seconds one caller holds the right to submit a batch (a 200 MB upload fits).
+        self.submit_lease = 900.0
         self.last_report: ApplyReport | None = None
 
     def provider(self, name: str) -> Provider:
@@ -100,6 +105,7 @@ class Lifecycle:
         metadata: Mapping[str, Any] | None,
     ) -> Batch:
         adapter = self.provider(provider)
+        checked_metadata = check_batch_metadata(metadata)
         validated = validate_requests(
             requests, endpoint=endpoint, model=model, limits=adapter.limits
         )
@@ -107,7 +113,7 @@ class Lifecycle:
             provider=provider,
             endpoint=endpoint,
             model=model,
-            metadata=dict(metadata or {}),
+            metadata=checked_metadata,
             requests=validated,
         )
         _log("batch_created", batch, requests=batch.request_total, bytes=batch.input_bytes)
@@ -121,13 +127,43 @@ class Lifecycle:
                 f"{batch.provider_batch_id}); only a pending batch can be submitted"
             )
         adapter = self.provider(batch.provider)
+        held_until = await self.store.claim_submission(batch.id, seconds=self.submit_lease)
+        if held_until is not None:
+            raise InvalidBatchError(
+                f"batch {batch.id} is being submitted by another caller (its claim lasts until "
+                f"{held_until:%Y-%m-%d %H:%M:%S %Z}); if that caller died, submit again after"
+            )
+        try:
+            return await self._submit_claimed(batch, adapter)
+        except BaseException:
+            # Let a retry go ahead at once; the shield keeps the release if we are cancelled.
+            await asyncio.shield(self.store.release_submission(batch.id))
+            raise
+
+    async def _submit_claimed(self, batch: Batch, adapter: Provider) -> Batch:
         tag = {"batchinfer_batch_id": str(batch.id)}
         file_id = batch.input_file_id
         pb = None
         if file_id is None:
-            file_id = await adapter.upload_input(
-                lambda: self._input_stream(batch, adapter), filename=f"batchinfer-{batch.id}.jsonl"
-            )
+            source_errors: list[Exception] = []
+
+            async def stream() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in self._input_stream(batch, adapter):
+                        yield chunk
+                except Exception as exc:
+                    source_errors.append(exc)
+                    raise
+
+            try:
+                file_id = await adapter.upload_input(
+                    stream, filename=f"batchinfer-{batch.id}.jsonl"
+                )
+            except ProviderError:
+                # The body stopped because reading it failed: that is the error to report.
+                if source_errors:
+                    raise source_errors[-1] from None
+                raise
             await self.store.record_input_file(batch.id, file_id)
             _log("input_uploaded", batch, input_file_id=file_id)
         else:
@@ -197,7 +233,19 @@ class Lifecycle:
 
     # -- results ------------------------------------------------------------------------------
 
-    async def fetch_results(self, batch_id: uuid.UUID) -> Batch:
+    async def fetch_results(self, batch_id: uuid.UUID, *, force: bool = False) -> Batch:
+        for _ in range(_FILE_ID_CHANGES):
+            try:
+                return await self._fetch_results_once(batch_id, force=force)
+            except _FilesChanged:
+                # A poll recorded a file id while we applied; apply again (idempotent).
+                continue
+        raise ResultsNotReadyError(
+            f"batch {batch_id}: the provider's result file ids kept changing while they were "
+            "applied; fetch the results again later"
+        )
+
+    async def _fetch_results_once(self, batch_id: uuid.UUID, *, force: bool) -> Batch:
         batch = await self.store.get_batch(batch_id)
         if batch.results_applied_at is not None:
             return batch
@@ -208,10 +256,11 @@ class Lifecycle:
             )
         tally = _Tally()
         if batch.status.has_results:
-            if batch.output_file_id is None and batch.request_counts.completed > 0:
+            missing = None if force else _missing_file(batch)
+            if missing:
                 raise ResultsNotReadyError(
-                    f"batch {batch.id} reports {batch.request_counts.completed} completed "
-                    "requests but no output file yet; poll its status again before fetching"
+                    f"batch {batch.id} is {batch.status.value} with {missing}; poll its status "
+                    "again before fetching (or pass force=True to fail what is not there)"
                 )
             seen: set[str] = set()
             for file_id in (batch.output_file_id, batch.error_file_id):
@@ -234,12 +283,16 @@ class Lifecycle:
                 f"result not present in the output or error file (batch {batch.id}, "
                 f"provider batch {batch.provider_batch_id}, status {batch.status.value})"
             )
-        batch, swept = await self.store.finish_results(
+        finished = await self.store.finish_results(
             batch.id,
+            applied_files=(batch.output_file_id, batch.error_file_id),
             failure_error=failure_error,
             failure_reason=failure_reason,
             line_reasons=line_reasons,
         )
+        if finished is None:
+            raise _FilesChanged
+        batch, swept = finished
         self.last_report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
         _log("results_applied", batch, **dataclasses.asdict(self.last_report))
         return batch
@@ -252,9 +305,7 @@ class Lifecycle:
 
         async def writer() -> None:
             while (chunk := await queue.get()) is not None:
-                outcomes = [o for _, o in chunk]
-                # The write that records an outcome finishes even if we are cancelled.
-                result = await asyncio.shield(self.store.apply_outcomes(batch.id, outcomes))
+                result = await self._write_chunk(batch, file_id, chunk)
                 tally.applied += result.applied
                 tally.already_applied += len(result.already_applied)
                 if result.unknown:
@@ -317,6 +368,48 @@ class Lifecycle:
                 raise first from first.__cause__
             raise
 
+    async def _write_chunk(
+        self, batch: Batch, file_id: str, chunk: list[tuple[int, ResultOutcome]]
+    ) -> ApplyResult:
+        """One chunk in one statement; should the database refuse a value, row by row, so one
+        bad result fails alone (logged with its line) instead of stopping the pass."""
+        try:
+            return await _finish_even_if_cancelled(
+                self.store.apply_outcomes(batch.id, [o for _, o in chunk])
+            )
+        except DataRejectedError:
+            if len(chunk) == 1:
+                raise
+        applied, already, unknown = 0, [], []
+        for line_no, outcome in chunk:
+            try:
+                result = await self._write_chunk(batch, file_id, [(line_no, outcome)])
+            except DataRejectedError as exc:
+                logger.warning(
+                    "batchinfer.result_unstorable",
+                    extra=_extra(
+                        batch,
+                        file_id=file_id,
+                        line_no=line_no,
+                        custom_id=outcome.custom_id,
+                        error=str(exc),
+                    ),
+                )
+                failed = ResultOutcome(
+                    custom_id=outcome.custom_id,
+                    status=CompletionStatus.FAILED,
+                    status_code=outcome.status_code,
+                    failure_error="batchinfer could not store this result",
+                    failure_reason=f"line {line_no} of file {file_id}: {exc}"[:255],
+                )
+                result = await _finish_even_if_cancelled(
+                    self.store.apply_outcomes(batch.id, [failed])
+                )
+            applied += result.applied
+            already += result.already_applied
+            unknown += result.unknown
+        return ApplyResult(applied=applied, already_applied=already, unknown=unknown)
+
     def _parse_line(
         self, batch: Batch, file_id: str, line: RawLine, price: Pricer, tally: _Tally
     ) -> ResultOutcome | None:
@@ -345,11 +438,21 @@ class Lifecycle:
             )
 
     def pricer(self, provider: str, model: str, discount: Decimal) -> Pricer:
-        """Prices responses by the model each names, else ``model``, times ``discount``."""
-        costs = self.pricing.costs
+        """Prices responses times ``discount``: by ``model`` when the caller set its price,
+        else by the (often dated) model each response names, else by ``model``."""
+        pricing = self.pricing
 
         def price(named: str | None, usage: Usage) -> Costs | None:
-            return costs(provider, named or model, usage, discount=discount)
+            try:
+                if named and named != model and not pricing.has_override(model):
+                    costs = pricing.costs(provider, named, usage, discount=discount)
+                    if costs is not None:
+                        return costs
+                return pricing.costs(provider, model, usage, discount=discount)
+            except Exception:
+                # A price table problem must not cost the result; the row just has no cost.
+                logger.warning("batchinfer.pricing_failed", exc_info=True)
+                return None
 
         return price
 
@@ -381,28 +484,65 @@ class Lifecycle:
         )
         try:
             parsed = await adapter.complete(endpoint, sent)
-        except ProviderError as exc:
+            named = parsed.body.get("model")
+            outcome = ResultOutcome(
+                custom_id=custom_id,
+                status=CompletionStatus.COMPLETED,
+                response=parsed,
+                status_code=200,
+                costs=self.pricer(provider, model, _LIVE_RATE)(
+                    named if isinstance(named, str) else None, parsed.usage
+                ),
+            )
+            await self.store.apply_outcomes(None, [outcome], completion_id=completion_id)
+        except BaseException as exc:
+            # Whatever stopped it (provider error, unreadable answer, cancellation), the row
+            # says so instead of staying "submitted" for ever.
+            status = exc.status if isinstance(exc, ProviderError) else None
             failed = ResultOutcome(
                 custom_id=custom_id,
                 status=CompletionStatus.FAILED,
-                status_code=exc.status,
-                failure_error=f"{adapter.name} live request failed (status: {exc.status})",
-                failure_reason=str(exc)[:255],
+                status_code=status,
+                failure_error=f"{adapter.name} live request failed (status: {status})",
+                failure_reason=f"{type(exc).__name__}: {exc}"[:255],
             )
-            await self.store.apply_outcomes(None, [failed], completion_id=completion_id)
+            await _finish_even_if_cancelled(
+                self.store.apply_outcomes(None, [failed], completion_id=completion_id)
+            )
             raise
-        named = parsed.body.get("model")
-        outcome = ResultOutcome(
-            custom_id=custom_id,
-            status=CompletionStatus.COMPLETED,
-            response=parsed,
-            status_code=200,
-            costs=self.pricer(provider, model, _LIVE_RATE)(
-                named if isinstance(named, str) else None, parsed.usage
-            ),
-        )
-        await self.store.apply_outcomes(None, [outcome], completion_id=completion_id)
         return await self.store.get_completion(completion_id)
+
+
+async def _finish_even_if_cancelled(write: Coroutine[Any, Any, ApplyResult]) -> ApplyResult:
+    """Run the write that records outcomes to its end even if the caller is cancelled, then
+    let the cancellation go on: nothing outlives the call, and nothing is left half-done."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
+
+
+class _FilesChanged(Exception):
+    """The batch's file ids changed between reading and sweeping it."""
+
+
+def _missing_file(batch: Batch) -> str | None:
+    """Why the provider's files cannot all be there yet, judging by its counts; else None."""
+    counts = batch.request_counts
+    if counts.completed > 0 and batch.output_file_id is None:
+        return f"{counts.completed} completed requests but no output file yet"
+    if counts.failed > 0 and batch.error_file_id is None:
+        return f"{counts.failed} failed requests but no error file yet"
+    if (
+        batch.status is BatchStatus.COMPLETED
+        and batch.output_file_id is None
+        and batch.error_file_id is None
+    ):
+        return "neither an output nor an error file yet"
+    return None
 
 
 def _extra(batch: Batch, **fields: Any) -> dict[str, Any]:

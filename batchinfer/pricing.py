@@ -31,6 +31,16 @@ class Price:
     output_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
 
+    def __post_init__(self) -> None:
+        # Prices are often written as floats or strings; costs are Decimal, never float.
+        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Decimal):
+                try:
+                    object.__setattr__(self, name, Decimal(str(value)))
+                except ArithmeticError:
+                    raise ValueError(f"Price.{name} must be a number, got {value!r}") from None
+
 
 @dataclass(frozen=True, slots=True)
 class _Rates:
@@ -48,6 +58,9 @@ class Pricing:
         self._overrides = dict(prices or {})
         self._resolved: dict[tuple[str, str], Price | Any | None] = {}
         self._rates: dict[tuple[str, str, Decimal], _Rates | None] = {}
+
+    def has_override(self, model: str) -> bool:
+        return model in self._overrides
 
     def costs(self, provider: str, model: str, usage: Usage, *, discount: Decimal) -> Costs | None:
         """The cost of one response, or None when the model's price is unknown or no tokens."""

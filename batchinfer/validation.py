@@ -50,6 +50,21 @@ async def _aiter(requests: Requests) -> AsyncIterator[Any]:
             yield item
 
 
+def check_batch_metadata(metadata: Any) -> dict[str, Any]:
+    """The batch's own metadata: a JSON-serialisable dict without NUL characters."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidRequestError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        encoded = orjson.dumps(metadata)
+    except TypeError as exc:
+        raise InvalidRequestError(f"metadata is not JSON-serialisable: {exc}") from exc
+    if has_encoded_nul(encoded):
+        raise InvalidRequestError("metadata contains a NUL character, which Postgres cannot store")
+    return dict(metadata)
+
+
 def check_batch_params(*, endpoint: str, model: str, limits: BatchLimits) -> None:
     if endpoint not in limits.endpoints:
         raise InvalidRequestError(
@@ -155,6 +170,7 @@ def _check_request(
     try:
         body_json = orjson.dumps(body)
         metadata_json = orjson.dumps(metadata)
+        line_bytes = len(encode_request_line(custom_id, endpoint, body_json))
     except TypeError as exc:
         raise fail(f"not JSON-serialisable: {exc}") from exc
     if "\x00" in custom_id or has_encoded_nul(metadata_json):
@@ -164,5 +180,5 @@ def _check_request(
         line_no=position + 1,
         body_json=body_json,
         metadata=dict(metadata),
-        line_bytes=len(encode_request_line(custom_id, endpoint, body_json)),
+        line_bytes=line_bytes,
     )

@@ -25,9 +25,11 @@ def test_migrate_without_a_database_says_what_to_do(
     assert "BATCHINFER_DATABASE_URL" in capsys.readouterr().err
 
 
-async def test_demo_runs_a_batch_and_reports_costs(database_url: str) -> None:
+async def test_demo_runs_a_batch_and_reports_costs(database_url: str, schema: str) -> None:
     out = io.StringIO()
-    batch = await run_demo(requests=200, database_url=database_url, step_seconds=0.05, out=out)
+    batch = await run_demo(
+        requests=200, database_url=database_url, step_seconds=0.05, schema=schema, out=out
+    )
     text = out.getvalue()
     assert batch.status.value == "completed"
     assert batch.results_applied_at is not None

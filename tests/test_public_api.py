@@ -23,6 +23,7 @@ EXPECTED_ALL = [
     "BatchStatus",
     "Completion",
     "CompletionStatus",
+    "DataRejectedError",
     "InvalidBatchError",
     "InvalidRequestError",
     "JsonlError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -42,19 +43,31 @@ def retry_hook(exc: Exception) -> bool | float:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(float(ms) / 1000, 0.0)
-        except ValueError:
-            pass
+    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date), if sane."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        seconds = _finite(ms)
+        if seconds is not None:
+            return max(seconds / 1000, 0.0)
     value = headers.get("retry-after")
     if value is None:
         return None
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(seconds, 0.0)
     try:
-        return max(float(value), 0.0)
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _finite(text: str) -> float | None:
+    try:
+        value = float(text)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+        return None
+    return value if math.isfinite(value) else None
 
 
 def error_from_response(

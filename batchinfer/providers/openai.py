@@ -81,6 +81,10 @@ class OpenAIProvider:
     ) -> None:
         if not isinstance(api_key, str) or not api_key.strip():
             raise ValueError("OpenAIProvider needs an api_key (for example from OPENAI_API_KEY)")
+        # Keys read from files often end in a newline; any other control character is a mistake.
+        api_key = api_key.strip()
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in api_key):
+            raise ValueError("the api_key contains a control character; check how it was read")
         headers = {"Authorization": f"Bearer {api_key}"}
         if organization:
             headers["OpenAI-Organization"] = organization
@@ -166,7 +170,7 @@ class OpenAIProvider:
             page = await self._http.request_json("GET", query, what="listing batches")
             data = [b for b in page.get("data") or [] if isinstance(b, dict)]
             for body in data:
-                tags = body.get("metadata") or {}
+                tags = _dict(body.get("metadata"))
                 if all(tags.get(k) == v for k, v in metadata.items()):
                     return self._batch(body)
             seen += len(data)
@@ -189,11 +193,12 @@ class OpenAIProvider:
     async def complete(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
         path = endpoint.removeprefix("/v1")
         answer = await self._http.request_json("POST", path, json=body, what=f"POST {endpoint}")
-        return self.parse_response(endpoint, answer)
+        return _parse_paid(endpoint, answer)
 
     def _batch(self, body: dict[str, Any]) -> ProviderBatch:
+        """Normalise a batch object, trusting none of its fields' types."""
         batch_id = body.get("id")
-        if not isinstance(batch_id, str):
+        if not isinstance(batch_id, str) or not batch_id:
             raise PermanentProviderError("the batch object from the provider has no id")
         raw_status = str(body.get("status"))
         try:
@@ -206,30 +211,21 @@ class OpenAIProvider:
             status = BatchStatus.IN_PROGRESS
         if status is BatchStatus.PENDING:  # ours alone; the provider has the batch
             status = BatchStatus.VALIDATING
-        counts = body.get("request_counts") or {}
-        errors = (body.get("errors") or {}).get("data") or []
+        counts = _dict(body.get("request_counts"))
+        errors = _dict(body.get("errors")).get("data")
         return ProviderBatch(
             id=batch_id,
             status=status,
             raw_status=raw_status,
-            input_file_id=body.get("input_file_id"),
-            output_file_id=body.get("output_file_id"),
-            error_file_id=body.get("error_file_id"),
+            input_file_id=_file_id(body, "input_file_id"),
+            output_file_id=_file_id(body, "output_file_id"),
+            error_file_id=_file_id(body, "error_file_id"),
             request_counts=RequestCounts(
-                total=int(counts.get("total") or 0),
-                completed=int(counts.get("completed") or 0),
-                failed=int(counts.get("failed") or 0),
+                total=_count(counts.get("total")) or 0,
+                completed=_count(counts.get("completed")) or 0,
+                failed=_count(counts.get("failed")) or 0,
             ),
-            errors=tuple(
-                ProviderBatchError(
-                    code=e.get("code"),
-                    message=str(e.get("message") or "no message"),
-                    param=e.get("param"),
-                    line=e.get("line"),
-                )
-                for e in errors
-                if isinstance(e, dict)
-            ),
+            errors=tuple(_batch_error(e) for e in errors) if isinstance(errors, list) else (),
             raw=body,
         )
 
@@ -237,17 +233,16 @@ class OpenAIProvider:
         self, record: dict[str, Any], *, endpoint: str, price: Pricer | None = None
     ) -> ResultOutcome:
         custom_id = record.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise ValueError("the result line has no custom_id")
+        if not isinstance(custom_id, str) or not custom_id or "\x00" in custom_id:
+            raise ValueError("the result line has no usable custom_id")
         response = record.get("response")
         error = record.get("error")
         status_code: int | None = None
         body: Any = None
         request_id = None
         if isinstance(response, dict):
-            raw_code = response.get("status_code", 200)
-            status_code = raw_code if isinstance(raw_code, int) else None
-            request_id = response.get("request_id")
+            status_code = _status_code(response.get("status_code", 200))
+            request_id = _str(response.get("request_id"))
             body = response.get("body")
             if isinstance(body, str | bytes):
                 # Some OpenAI-compatible servers send the body as a JSON-encoded string.
@@ -256,7 +251,7 @@ class OpenAIProvider:
                 except orjson.JSONDecodeError:
                     body = None
             if status_code is not None and 200 <= status_code < 300 and isinstance(body, dict):
-                parsed = parse_response(endpoint, body)
+                parsed = _parse_paid(endpoint, body)
                 model = body.get("model")
                 return ResultOutcome(
                     custom_id=custom_id,
@@ -264,14 +259,16 @@ class OpenAIProvider:
                     response=parsed,
                     status_code=status_code,
                     provider_request_id=request_id,
-                    costs=price(model if isinstance(model, str) else None, parsed.usage)
-                    if price is not None
-                    else None,
+                    costs=None
+                    if price is None
+                    else price(model if isinstance(model, str) else None, parsed.usage),
                 )
         message = None
         code = None
         if isinstance(error, dict):
             message, code = error.get("message"), error.get("code")
+        elif isinstance(error, str):
+            message = error
         if not message and isinstance(body, dict) and isinstance(body.get("error"), dict):
             message = body["error"].get("message")
             code = code or body["error"].get("code") or body["error"].get("type")
@@ -374,5 +371,60 @@ def _usage(raw: Any) -> Usage:
     )
 
 
+_INT4_MAX = 2**31 - 1
+
+
 def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
+    """A token count as the database can hold it, or None for anything else."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    return value if type(value) is int and 0 <= value <= _INT4_MAX else None
+
+
+_count = _int
+
+
+def _status_code(value: Any) -> int | None:
+    if type(value) is str and value.isdigit():
+        value = int(value)
+    return value if type(value) is int and 0 <= value <= 999 else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _file_id(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise PermanentProviderError(
+        f"the batch object's {field} is {value!r}, not a file id; the provider's answer is "
+        "malformed"
+    )
+
+
+def _batch_error(raw: Any) -> ProviderBatchError:
+    if not isinstance(raw, dict):
+        return ProviderBatchError(code=None, message=str(raw))
+    line = raw.get("line")
+    return ProviderBatchError(
+        code=_str(raw.get("code")),
+        message=str(raw.get("message") or "no message"),
+        param=_str(raw.get("param")),
+        line=line if type(line) is int and 0 < line <= _INT4_MAX else None,
+    )
+
+
+def _parse_paid(endpoint: str, body: dict[str, Any]) -> ParsedResponse:
+    # A 2xx was paid for: a body of an unexpected shape is kept whole, never turned into a
+    # failure that a later, fixed version could not re-apply.
+    try:
+        return parse_response(endpoint, body)
+    except Exception:
+        logger.warning("batchinfer.response_unreadable", exc_info=True)
+        return ParsedResponse(body=body)

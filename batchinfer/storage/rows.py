@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from batchinfer.domain import (
     Batch,
@@ -23,6 +24,10 @@ from batchinfer.domain import (
 # backslash as \\, so an escape preceded by an even run of backslashes is a real NUL. Results
 # get U+FFFD in its place rather than failing the whole chunk.
 _ENCODED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _no_nul(text: str | None) -> str | None:
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
 def dumps(value: Any) -> str | None:
@@ -41,14 +46,21 @@ def provider_values(pb: ProviderBatch) -> dict[str, Any]:
         "counts_total": pb.request_counts.total,
         "counts_completed": pb.request_counts.completed,
         "counts_failed": pb.request_counts.failed,
-        "provider_errors": [
-            {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
-            for e in pb.errors
-        ],
-        "provider_response": pb.raw,
-        "failure_reason": pb.failure_reason(),
+        # Through dumps(), so a NUL in the provider's text cannot fail the write.
+        "provider_errors": _jsonb(
+            [
+                {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
+                for e in pb.errors
+            ]
+        ),
+        "provider_response": _jsonb(pb.raw),
+        "failure_reason": _no_nul(pb.failure_reason()),
         "updated_at": sa.func.now(),
     }
+
+
+def _jsonb(value: Any) -> sa.Cast[Any]:
+    return sa.cast(sa.literal(dumps(value), sa.Text), JSONB)
 
 
 def outcome_rows(outcomes: Sequence[ResultOutcome]) -> str:

@@ -14,12 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchinfer.domain import (
@@ -33,6 +34,7 @@ from batchinfer.domain import (
 )
 from batchinfer.errors import (
     BatchNotFoundError,
+    DataRejectedError,
     InvalidBatchError,
     SchemaNotReadyError,
     StorageError,
@@ -60,23 +62,20 @@ def wrap_db_errors(what: str) -> Iterator[None]:
     """Translate SQLAlchemy/asyncpg errors into batchinfer's, naming the operation."""
     try:
         yield
-    except SQLAlchemyError as exc:
-        sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-        if isinstance(exc, DBAPIError) and sqlstate in _UNDEFINED:
+    except (SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # The raw driver is used for COPY, so its errors arrive here too, unwrapped.
+        orig = getattr(exc, "orig", exc)
+        sqlstate = getattr(orig, "sqlstate", None) or ""
+        if sqlstate in _UNDEFINED:
             raise SchemaNotReadyError(
                 f"{what}: the batchinfer tables do not exist yet; call `await bi.migrate()` "
                 "once (it is idempotent)"
             ) from exc
-        raise StorageError(
-            f"{what}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
-        ) from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # The raw driver is used for COPY; its errors are translated here too.
-        if getattr(exc, "sqlstate", None) in _UNDEFINED:
-            raise SchemaNotReadyError(
-                f"{what}: the batchinfer tables do not exist yet; call `await bi.migrate()`"
-            ) from exc
-        raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, str):
+            detail = detail.splitlines()[0]
+        error = DataRejectedError if sqlstate.startswith("22") else StorageError
+        raise error(f"{what}: {type(orig).__name__}: {detail}") from exc
     except OSError as exc:
         raise StorageError(f"{what}: cannot reach the database ({exc})") from exc
 
@@ -126,16 +125,26 @@ class Store:
         lock_key = int.from_bytes(hashlib.sha256(self.schema.encode()).digest()[:8], "big") >> 1
         with wrap_db_errors("migrating the schema"):
             async with self._engine.connect() as conn:
-                # Two apps starting at once must not both create the tables.
+                # Two apps starting at once must not both create the tables. The lock is the
+                # session's: on any error the connection is dropped, which releases it.
                 await conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": lock_key})
                 try:
-                    await conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {self._q}"))
+                    exists = (
+                        await conn.execute(
+                            sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"),
+                            {"s": self.schema},
+                        )
+                    ).first()
+                    if exists is None:  # CREATE SCHEMA needs a right the app may not have
+                        await conn.execute(sa.text(f"CREATE SCHEMA {self._q}"))
                     await conn.commit()
                     await conn.run_sync(self._upgrade)
                     await conn.commit()
-                finally:
-                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_key})
-                    await conn.commit()
+                except BaseException:
+                    await conn.invalidate()
+                    raise
+                await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_key})
+                await conn.commit()
 
     def _upgrade(self, sync_conn: sa.Connection) -> None:
         from alembic import command
@@ -264,6 +273,49 @@ class Store:
             yield [(r[1], r[2].encode()) for r in rows]
             after = rows[-1][0]
 
+    async def claim_submission(self, batch_id: uuid.UUID, *, seconds: float) -> datetime | None:
+        """Take the right to submit a pending batch for ``seconds``.
+
+        Returns None when taken, else when the current holder's lease ends. A holder that died
+        is replaced once its lease runs out; its provider batch, if it made one, is re-attached.
+        """
+        async with self._tx(f"claiming batch {batch_id} for submission") as conn:
+            claimed = (
+                await conn.execute(
+                    batches.update()
+                    .where(
+                        batches.c.id == batch_id,
+                        batches.c.status == BatchStatus.PENDING.value,
+                        batches.c.provider_batch_id.is_(None),
+                        sa.or_(
+                            batches.c.submit_lease_until.is_(None),
+                            batches.c.submit_lease_until < sa.func.now(),
+                        ),
+                    )
+                    .values(
+                        submit_lease_until=sa.func.now()
+                        + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+                    )
+                    .returning(batches.c.id)
+                )
+            ).first()
+            if claimed is not None:
+                return None
+            held: datetime | None = (
+                await conn.execute(
+                    sa.select(batches.c.submit_lease_until).where(batches.c.id == batch_id)
+                )
+            ).scalar_one_or_none()
+            return held or datetime.now(UTC)
+
+    async def release_submission(self, batch_id: uuid.UUID) -> None:
+        async with self._tx(f"releasing batch {batch_id}") as conn:
+            await conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id, batches.c.provider_batch_id.is_(None))
+                .values(submit_lease_until=None)
+            )
+
     async def record_input_file(self, batch_id: uuid.UUID, file_id: str) -> None:
         """Remember the uploaded file before creating the batch, so a retry need not re-upload."""
         async with self._tx(f"recording the input file of batch {batch_id}") as conn:
@@ -287,6 +339,7 @@ class Store:
                     .values(
                         provider_batch_id=pb.id,
                         submitted_at=sa.func.now(),
+                        submit_lease_until=None,
                         **provider_values(pb),
                         status=pb.status.value,
                         ended_at=sa.func.now() if pb.status.is_terminal else None,
@@ -314,10 +367,11 @@ class Store:
         return batch_from_row(row)
 
     async def record_status(self, batch_id: uuid.UUID, pb: ProviderBatch) -> Batch:
-        """Store what the provider reports, under a row lock; a terminal status is never undone.
+        """Store what the provider reports, under a row lock; a status never goes backwards.
 
-        For a batch already terminal, only file ids still missing are filled in: a stale poll
-        cannot revive an expired or cancelled batch, but a lagging output file id can arrive.
+        A poll answered before a cancel but recorded after it cannot turn ``cancelling`` back
+        into ``in_progress``, and nothing undoes a terminal status. For a terminal batch only
+        file ids still missing are filled in: a lagging output file id can still arrive.
         """
         async with self._tx(f"recording the status of batch {batch_id}") as conn:
             current = (
@@ -328,12 +382,15 @@ class Store:
             if current is None:
                 raise BatchNotFoundError(f"no batch {batch_id} in schema {self.schema!r}")
             update = batches.update().where(batches.c.id == batch_id).returning(batches)
-            if BatchStatus(current).is_terminal:
+            stored = BatchStatus(current)
+            if stored.is_terminal:
                 update = update.values(
                     output_file_id=sa.func.coalesce(batches.c.output_file_id, pb.output_file_id),
                     error_file_id=sa.func.coalesce(batches.c.error_file_id, pb.error_file_id),
                     updated_at=sa.func.now(),
                 )
+            elif pb.status.rank < stored.rank:
+                update = update.values(updated_at=sa.func.now())  # a stale answer: keep ours
             else:
                 update = update.values(
                     status=pb.status.value,
@@ -426,24 +483,29 @@ class Store:
         self,
         batch_id: uuid.UUID,
         *,
+        applied_files: tuple[str | None, str | None],
         failure_error: str,
         failure_reason: str,
         line_reasons: dict[int, str] | None = None,
-    ) -> tuple[Batch, int]:
+    ) -> tuple[Batch, int] | None:
         """Fail every completion still open, sum the costs, stamp results_applied_at.
 
-        Returns the batch and how many completions the sweep failed.
+        Returns the batch and how many completions the sweep failed, or None, changing nothing,
+        when the batch's (output, error) file ids are no longer ``applied_files``: a file that
+        was not applied must not be swept as missing.
         """
         async with self._tx(f"finishing the results of batch {batch_id}") as conn:
             locked = (
                 await conn.execute(
-                    sa.select(batches.c.results_applied_at)
+                    sa.select(batches.c.output_file_id, batches.c.error_file_id)
                     .where(batches.c.id == batch_id)
                     .with_for_update()
                 )
             ).one_or_none()
             if locked is None:
                 raise BatchNotFoundError(f"no batch {batch_id} in schema {self.schema!r}")
+            if tuple(locked) != applied_files:
+                return None
             swept = 0
             if line_reasons:
                 result = await conn.execute(

@@ -84,6 +84,8 @@ batches = Table(
     Column("results_applied_at", Timestamp),
     # For workers that poll on a schedule; the verbs leave it alone.
     Column("next_poll_at", Timestamp),
+    # Held by the one caller submitting the batch, so two cannot both create a provider batch.
+    Column("submit_lease_until", Timestamp),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",

@@ -55,6 +55,7 @@ def upgrade() -> None:
             ended_at timestamptz,
             results_applied_at timestamptz,
             next_poll_at timestamptz,
+            submit_lease_until timestamptz,
             CONSTRAINT pk_batches PRIMARY KEY (id),
             CONSTRAINT ck_batches_status CHECK (status IN ({_BATCH_STATUSES}))
         )
