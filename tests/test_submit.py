@@ -151,6 +151,10 @@ async def test_concurrent_submits_record_exactly_one_provider_batch(
     assert len(winners) == 1
     assert len(losers) == 1
     assert isinstance(losers[0], InvalidBatchError)
+    assert "being submitted by another caller" in str(losers[0])
+    # The loser stopped before the network: one upload, one provider batch, nothing to cancel.
+    assert calls(emulator, "POST", "/v1/files") == 1
+    assert len(emulator.batches) == 1
     stored = await bi.get_batch(batch)
     assert stored.provider_batch_id == winners[0].provider_batch_id
     assert stored.provider_batch_id in emulator.batches
