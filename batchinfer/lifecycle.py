@@ -120,15 +120,11 @@ class Lifecycle:
         return batch
 
     async def submit(self, batch_id: uuid.UUID) -> Batch:
-        batch = await self.store.get_batch(batch_id)
-        if batch.status is not BatchStatus.PENDING or batch.provider_batch_id is not None:
-            raise InvalidBatchError(
-                f"batch {batch.id} is {batch.status.value} (provider batch "
-                f"{batch.provider_batch_id}); only a pending batch can be submitted"
-            )
+        batch = _submittable(await self.store.get_batch(batch_id))
         adapter = self.provider(batch.provider)
         held_until = await self.store.claim_submission(batch.id, seconds=self.submit_lease)
         if held_until is not None:
+            _submittable(await self.store.get_batch(batch_id))  # submitted meanwhile?
             raise InvalidBatchError(
                 f"batch {batch.id} is being submitted by another caller (its claim lasts until "
                 f"{held_until:%Y-%m-%d %H:%M:%S %Z}); if that caller died, submit again after"
@@ -523,6 +519,15 @@ async def _finish_even_if_cancelled(write: Coroutine[Any, Any, ApplyResult]) -> 
         with contextlib.suppress(Exception):
             await task
         raise
+
+
+def _submittable(batch: Batch) -> Batch:
+    if batch.status is not BatchStatus.PENDING or batch.provider_batch_id is not None:
+        raise InvalidBatchError(
+            f"batch {batch.id} is {batch.status.value} (provider batch "
+            f"{batch.provider_batch_id}); only a pending batch can be submitted"
+        )
+    return batch
 
 
 class _FilesChanged(Exception):
