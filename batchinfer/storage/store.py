@@ -55,6 +55,9 @@ _TERMINAL = ("completed", "failed")
 _COPY_CHUNK = 5_000
 _COMPLETION_COLUMNS = ("batch_id", "custom_id", "line_no", "status", "request_body", "metadata")
 _UNDEFINED = {"42P01", "3F000"}  # undefined_table, invalid_schema_name
+_UNSUBMITTED = sa.and_(
+    batches.c.status == BatchStatus.PENDING.value, batches.c.provider_batch_id.is_(None)
+)
 
 
 @contextmanager
@@ -285,8 +288,7 @@ class Store:
                     batches.update()
                     .where(
                         batches.c.id == batch_id,
-                        batches.c.status == BatchStatus.PENDING.value,
-                        batches.c.provider_batch_id.is_(None),
+                        _UNSUBMITTED,
                         sa.or_(
                             batches.c.submit_lease_until.is_(None),
                             batches.c.submit_lease_until < sa.func.now(),
@@ -333,8 +335,7 @@ class Store:
                     batches.update()
                     .where(
                         batches.c.id == batch_id,
-                        batches.c.status == BatchStatus.PENDING.value,
-                        batches.c.provider_batch_id.is_(None),
+                        _UNSUBMITTED,
                     )
                     .values(
                         provider_batch_id=pb.id,
