@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from batchinfer import (
@@ -274,12 +275,14 @@ async def test_a_timeout_during_results_leaves_no_writes_running(
         assert set((await statuses(bi, done)).values()) == {CompletionStatus.COMPLETED}
 
 
-async def test_a_failed_migrate_releases_its_lock(engine: AsyncEngine, database_url: str) -> None:
-    schema = "t_no_rights_here"
+async def test_a_failed_migrate_releases_its_lock(
+    engine: AsyncEngine, database_url: str, schema: str
+) -> None:
+    # Roles belong to the whole server: a name of this test's own.
+    role = f"bi_no_create_{schema}"
     async with engine.begin() as conn:
-        await conn.execute(sa.text("DROP ROLE IF EXISTS batchinfer_no_create"))
-        await conn.execute(sa.text("CREATE ROLE batchinfer_no_create LOGIN"))
-    weak_url = _asyncpg_url(database_url).replace("://postgres@", "://batchinfer_no_create@")
+        await conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+    weak_url = make_url(_asyncpg_url(database_url)).set(username=role, password=None)
     weak = create_async_engine(weak_url)
     try:
         async with BatchInfer(weak, providers=[], schema=schema) as bi:
@@ -292,7 +295,7 @@ async def test_a_failed_migrate_releases_its_lock(engine: AsyncEngine, database_
         await weak.dispose()
         async with engine.begin() as conn:
             await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            await conn.execute(sa.text("DROP ROLE IF EXISTS batchinfer_no_create"))
+            await conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
 
 
 async def test_a_database_failure_during_upload_is_reported_as_one(
