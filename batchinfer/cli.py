@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
             asyncio.run(_migrate(args.database, args.schema))
-    except BatchInferError as exc:
+    except (BatchInferError, ValueError) as exc:
         print(f"batchinfer {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,15 @@ def test_migrate_without_a_database_says_what_to_do(
     assert "BATCHINFER_DATABASE_URL" in capsys.readouterr().err
 
 
+def test_migrate_reports_bad_arguments_and_unreachable_databases(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["migrate", "--database", "postgresql://u@127.0.0.1:1/db", "--schema", "ok"]) == 1
+    assert "cannot reach the database" in capsys.readouterr().err
+    assert main(["migrate", "--database", "postgresql://u@h/db", "--schema", "Bad-Name"]) == 1
+    assert "lower-case SQL identifier" in capsys.readouterr().err
+
+
 async def test_demo_runs_a_batch_and_reports_costs(database_url: str, schema: str) -> None:
     out = io.StringIO()
     batch = await run_demo(
