@@ -316,15 +316,14 @@ class Lifecycle:
                                 ),
                             )
 
-        price = self.pricer(
-            batch.provider, batch.model, self.provider(batch.provider).batch_discount
-        )
+        adapter = self.provider(batch.provider)
+        price = self.pricer(batch.provider, batch.model, adapter.batch_discount)
 
         async def producer() -> None:
             chunk: list[tuple[int, ResultOutcome]] = []
-            async with self.provider(batch.provider).open_file(file_id) as chunks:
+            async with adapter.open_file(file_id) as chunks:
                 async for line in iter_lines(chunks):
-                    outcome = self._parse_line(batch, file_id, line, price, tally)
+                    outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
                     if outcome is None:
                         continue
                     if outcome.custom_id in seen:
@@ -374,42 +373,48 @@ class Lifecycle:
                 self.store.apply_outcomes(batch.id, [o for _, o in chunk])
             )
         except DataRejectedError:
-            if len(chunk) == 1:
-                raise
-        applied, already, unknown = 0, [], []
-        for line_no, outcome in chunk:
-            try:
-                result = await self._write_chunk(batch, file_id, [(line_no, outcome)])
-            except DataRejectedError as exc:
-                logger.warning(
-                    "batchinfer.result_unstorable",
-                    extra=_extra(
-                        batch,
-                        file_id=file_id,
-                        line_no=line_no,
-                        custom_id=outcome.custom_id,
-                        error=str(exc),
-                    ),
-                )
-                failed = ResultOutcome(
+            pass
+        results = [await self._write_one(batch, file_id, line_no, o) for line_no, o in chunk]
+        return ApplyResult(
+            applied=sum(r.applied for r in results),
+            already_applied=[c for r in results for c in r.already_applied],
+            unknown=[c for r in results for c in r.unknown],
+        )
+
+    async def _write_one(
+        self, batch: Batch, file_id: str, line_no: int, outcome: ResultOutcome
+    ) -> ApplyResult:
+        try:
+            return await _finish_even_if_cancelled(self.store.apply_outcomes(batch.id, [outcome]))
+        except DataRejectedError as exc:
+            logger.warning(
+                "batchinfer.result_unstorable",
+                extra=_extra(
+                    batch,
+                    file_id=file_id,
+                    line_no=line_no,
                     custom_id=outcome.custom_id,
-                    status=CompletionStatus.FAILED,
-                    status_code=outcome.status_code,
-                    failure_error="batchinfer could not store this result",
-                    failure_reason=f"line {line_no} of file {file_id}: {exc}"[:255],
-                )
-                result = await _finish_even_if_cancelled(
-                    self.store.apply_outcomes(batch.id, [failed])
-                )
-            applied += result.applied
-            already += result.already_applied
-            unknown += result.unknown
-        return ApplyResult(applied=applied, already_applied=already, unknown=unknown)
+                    error=str(exc),
+                ),
+            )
+            failed = ResultOutcome(
+                custom_id=outcome.custom_id,
+                status=CompletionStatus.FAILED,
+                status_code=outcome.status_code,
+                failure_error="batchinfer could not store this result",
+                failure_reason=f"line {line_no} of file {file_id}: {exc}"[:255],
+            )
+            return await _finish_even_if_cancelled(self.store.apply_outcomes(batch.id, [failed]))
 
     def _parse_line(
-        self, batch: Batch, file_id: str, line: RawLine, price: Pricer, tally: _Tally
+        self,
+        batch: Batch,
+        adapter: Provider,
+        file_id: str,
+        line: RawLine,
+        price: Pricer,
+        tally: _Tally,
     ) -> ResultOutcome | None:
-        adapter = self.provider(batch.provider)
         try:
             record = decode_object(line)
             return adapter.parse_result(record, endpoint=batch.endpoint, price=price)

@@ -221,9 +221,9 @@ class OpenAIProvider:
             output_file_id=_file_id(body, "output_file_id"),
             error_file_id=_file_id(body, "error_file_id"),
             request_counts=RequestCounts(
-                total=_count(counts.get("total")) or 0,
-                completed=_count(counts.get("completed")) or 0,
-                failed=_count(counts.get("failed")) or 0,
+                total=_int(counts.get("total")) or 0,
+                completed=_int(counts.get("completed")) or 0,
+                failed=_int(counts.get("failed")) or 0,
             ),
             errors=tuple(_batch_error(e) for e in errors) if isinstance(errors, list) else (),
             raw=body,
@@ -379,9 +379,6 @@ def _int(value: Any) -> int | None:
     if type(value) is float and value.is_integer():
         value = int(value)
     return value if type(value) is int and 0 <= value <= _INT4_MAX else None
-
-
-_count = _int
 
 
 def _status_code(value: Any) -> int | None:

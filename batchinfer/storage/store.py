@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -294,10 +294,7 @@ class Store:
                             batches.c.submit_lease_until < sa.func.now(),
                         ),
                     )
-                    .values(
-                        submit_lease_until=sa.func.now()
-                        + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
-                    )
+                    .values(submit_lease_until=sa.func.now() + timedelta(seconds=seconds))
                     .returning(batches.c.id)
                 )
             ).first()

@@ -6,6 +6,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 
@@ -63,26 +64,24 @@ class Faults:
     drops: list[ConnectionDrop] = field(default_factory=list)
 
     def take_http(self, method: str, path: str) -> HttpFault | None:
-        for rule in self.http:
-            if _matches(rule.method, rule.path, method, path):
-                rule.times -= 1
-                if rule.times <= 0:
-                    self.http.remove(rule)
-                return rule
-        return None
+        return _take(self.http, method, path)
 
     def take_drop(self, method: str, path: str) -> ConnectionDrop | None:
-        for rule in self.drops:
-            if _matches(rule.method, rule.path, method, path):
-                rule.times -= 1
-                if rule.times <= 0:
-                    self.drops.remove(rule)
-                return rule
-        return None
+        return _take(self.drops, method, path)
 
 
-def _matches(rule_method: str, rule_path: str, method: str, path: str) -> bool:
-    return rule_method in ("*", method) and path.startswith(rule_path)
+_Rule = TypeVar("_Rule", HttpFault, ConnectionDrop)
+
+
+def _take(rules: list[_Rule], method: str, path: str) -> _Rule | None:
+    """The first rule matching this request, used once (and dropped when used up)."""
+    for rule in rules:
+        if rule.method in ("*", method) and path.startswith(rule.path):
+            rule.times -= 1
+            if rule.times <= 0:
+                rules.remove(rule)
+            return rule
+    return None
 
 
 def _subpath(request: web.Request) -> str:
