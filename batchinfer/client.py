@@ -8,7 +8,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,21 +20,29 @@ from batchinfer.domain import (
     BatchStatus,
     Completion,
     CompletionStatus,
+    Stats,
 )
 from batchinfer.errors import (
+    ClosedError,
+    InvalidBatchError,
     InvalidRequestError,
     ResultsNotReadyError,
     TransientProviderError,
+    TransientStorageError,
 )
-from batchinfer.lifecycle import Lifecycle
+from batchinfer.lifecycle import LiveCaller, Providers, ResultsPass, StatusKeeper, Submitter
+from batchinfer.lifecycle.handlers import BatchHandler, Handlers
 from batchinfer.pricing import Price, Pricing
 from batchinfer.providers.base import Provider
+from batchinfer.storage.listen import Listener
 from batchinfer.storage.store import Store
 from batchinfer.validation import Requests
+from batchinfer.worker import DEFAULT_POLL_SCHEDULE, Clock, Worker, worker_options
 
 logger = logging.getLogger(__name__)
 
 BatchRef = Batch | uuid.UUID | str
+H = TypeVar("H", bound=BatchHandler)
 
 
 def _batch_id(batch: BatchRef) -> uuid.UUID:
@@ -66,9 +74,12 @@ class BatchInfer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         apply_chunk_size: int = 1_000,
         apply_writers: int = 2,
+        claim_seconds: float = 30.0,
     ) -> None:
         if apply_writers < 1 or apply_chunk_size < 1:
             raise ValueError("apply_writers and apply_chunk_size must be at least 1")
+        if claim_seconds < 1:
+            raise ValueError("claim_seconds must be at least 1")
         if isinstance(database, AsyncEngine):
             self._engine, self._owns_engine = database, False
         elif isinstance(database, str):
@@ -77,7 +88,8 @@ class BatchInfer:
                     _asyncpg_url(database),
                     json_serializer=lambda v: orjson.dumps(v).decode(),
                     json_deserializer=orjson.loads,
-                    pool_size=max(5, apply_writers + 2),
+                    # Writers of a results pass, a listening connection, a worker's claims.
+                    pool_size=max(5, apply_writers + 4),
                     pool_pre_ping=True,
                 )
             except (SQLAlchemyError, ImportError, ValueError) as exc:
@@ -96,18 +108,32 @@ class BatchInfer:
         names = [p.name for p in providers]
         if len(set(names)) != len(names):
             raise ValueError(f"two providers share a name: {names}")
-        self.store = Store(self._engine, schema=schema)
-        self._lifecycle = Lifecycle(
-            self.store,
-            {p.name: p for p in providers},
-            Pricing(prices),
-            apply_chunk_size=apply_chunk_size,
-            apply_writers=apply_writers,
+        self._store = Store(self._engine, schema=schema)
+        self._providers = Providers({p.name: p for p in providers})
+        pricing = Pricing(prices)
+        self._submitter = Submitter(self._store, self._providers, claim_seconds=claim_seconds)
+        self._status = StatusKeeper(self._store, self._providers)
+        self._results = ResultsPass(
+            self._store,
+            self._providers,
+            pricing,
+            chunk_size=apply_chunk_size,
+            writers=apply_writers,
         )
+        self._live = LiveCaller(self._store, self._providers, pricing)
+        self._handlers = Handlers()
+        self._listener = Listener(self._store.db)
         self.poll_interval = poll_interval
         self._sleep = sleep
+        self._closed = False
+        self._last_report: ApplyReport | None = None
+
+    @property
+    def schema(self) -> str:
+        return self._store.schema
 
     async def __aenter__(self) -> BatchInfer:
+        self._check_open()
         return self
 
     async def __aexit__(
@@ -119,20 +145,35 @@ class BatchInfer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the providers' own HTTP sessions and the engine, if it was created here."""
-        for provider in self._lifecycle.providers.values():
+        """Close what this BatchInfer opened: its listening connection, the HTTP sessions its
+        providers opened themselves, and the engine if it was created from a URL. A borrowed
+        engine or session is left open. Any later call raises ClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._listener.aclose()
+        for provider in self._providers.by_name.values():
             await provider.aclose()
         if self._owns_engine:
             await self._engine.dispose()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(
+                "this BatchInfer was closed (aclose() or the end of its `async with`); "
+                "make a new one"
+            )
+
     @property
     def last_apply_report(self) -> ApplyReport | None:
-        """Counts from the most recent fetch_batch_results pass that read files."""
-        return self._lifecycle.last_report
+        """Counts from the latest results pass run by this object's fetch_batch_results or
+        wait (a worker's passes are logged as ``batchinfer.results_applied``)."""
+        return self._last_report
 
     async def migrate(self) -> None:
         """Create or upgrade the schema and tables; idempotent and safe to run concurrently."""
-        await self.store.migrate()
+        self._check_open()
+        await self._store.migrate()
 
     async def create_batch(
         self,
@@ -142,27 +183,44 @@ class BatchInfer:
         model: str,
         requests: Requests,
         metadata: Mapping[str, Any] | None = None,
+        submit: bool = False,
+        handler: str | None = None,
     ) -> Batch:
         """Validate every request, then store the batch and its completions in one transaction.
 
         ``requests`` is a list or (async) iterable of ``{"custom_id", "body", "metadata"?}``.
         Raises InvalidRequestError naming the first bad request; nothing is written then.
+        With ``submit=True`` no provider call is made here: the batch is due for a worker (or
+        for ``wait()``), which submits it. ``handler`` names the completion handler (see
+        ``on_batch_end``) its worker runs once its results are applied.
         """
-        return await self._lifecycle.create(
-            provider=provider, endpoint=endpoint, model=model, requests=requests, metadata=metadata
+        self._check_open()
+        if handler is not None and (not isinstance(handler, str) or not handler):
+            raise InvalidRequestError("handler must be the non-empty name of a handler")
+        return await self._submitter.create(
+            provider=provider,
+            endpoint=endpoint,
+            model=model,
+            requests=requests,
+            metadata=metadata,
+            submit=submit,
+            handler=handler,
         )
 
     async def submit_batch(self, batch: BatchRef) -> Batch:
         """Upload the requests and start the provider batch. Only a pending batch is accepted."""
-        return await self._lifecycle.submit(_batch_id(batch))
+        self._check_open()
+        return await self._submitter.submit(_batch_id(batch))
 
     async def fetch_batch_status(self, batch: BatchRef) -> BatchStatus:
         """Ask the provider, record what it says (never undoing a terminal status), return it."""
-        return (await self._lifecycle.refresh(_batch_id(batch))).status
+        self._check_open()
+        return (await self._status.refresh(_batch_id(batch))).status
 
     async def cancel_batch(self, batch: BatchRef) -> BatchStatus:
         """Ask the provider to cancel; usually returns ``cancelling``."""
-        return (await self._lifecycle.cancel(_batch_id(batch))).status
+        self._check_open()
+        return (await self._status.cancel(_batch_id(batch))).status
 
     async def fetch_batch_results(self, batch: BatchRef, *, force: bool = False) -> Batch:
         """Apply the output and error files, fail what is in neither, and total the costs.
@@ -171,7 +229,96 @@ class BatchInfer:
         Raises ResultsNotReadyError while the provider's counts say a file is still to come;
         ``force=True`` applies what is there and fails the rest.
         """
-        return await self._lifecycle.fetch_results(_batch_id(batch), force=force)
+        self._check_open()
+        done, report = await self._results.run(_batch_id(batch), force=force)
+        if report is not None:
+            self._last_report = report
+        return done
+
+    # -- workers and handlers -----------------------------------------------------------------
+
+    @overload
+    def on_batch_end(self, handler: H, *, name: str | None = None) -> H: ...
+
+    @overload
+    def on_batch_end(
+        self, handler: None = None, *, name: str | None = None
+    ) -> Callable[[H], H]: ...
+
+    def on_batch_end(
+        self, handler: H | None = None, *, name: str | None = None
+    ) -> H | Callable[[H], H]:
+        """Register an async handler run by workers once a batch has ended and its results are
+        applied: ``async def handler(batch)`` or ``async def handler(batch, conn)``.
+
+        A named handler runs only for batches created with ``handler=name``; an unnamed one for
+        every batch. One that takes ``conn`` (an ``AsyncConnection``) runs inside the
+        transaction that records it as done, so its writes happen exactly once. Register the
+        same handlers in every process that runs workers. Usable as a bare decorator.
+        """
+
+        def register(fn: H) -> H:
+            self._handlers.register(fn, name=name)
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    def worker(
+        self,
+        *,
+        poll_schedule: Sequence[float] = DEFAULT_POLL_SCHEDULE,
+        lease_seconds: float = 30.0,
+        max_age_seconds: float = 26 * 3600,
+        handler_attempts: int = 5,
+        concurrency: int = 4,
+        idle_seconds: float = 5.0,
+        shutdown_seconds: float = 5.0,
+        clock: Clock | None = None,
+    ) -> Worker:
+        """A worker over this BatchInfer's database, providers and handlers.
+
+        ``await worker.run()`` drives batches until cancelled; ``await worker.run_once()`` does
+        one cycle. ``poll_schedule`` is the wait in seconds before each poll of a batch, the
+        last repeating; ``lease_seconds`` how long a claim lasts unless renewed (a dead
+        worker's batches are taken over after it); ``max_age_seconds`` when a batch still
+        running (counted from submission) is cancelled and ended as expired;
+        ``handler_attempts`` how often a failing handler is tried; ``concurrency`` how many
+        batches one worker drives at once; ``idle_seconds`` how often an idle worker looks
+        for due work when no notification wakes it. ``clock`` (returning an aware datetime)
+        replaces the database's time for schedules, for tests.
+        """
+        self._check_open()
+        options = worker_options(
+            poll_schedule=poll_schedule,
+            lease_seconds=lease_seconds,
+            max_age_seconds=max_age_seconds,
+            handler_attempts=handler_attempts,
+            concurrency=concurrency,
+            idle_seconds=idle_seconds,
+            shutdown_seconds=shutdown_seconds,
+        )
+        return Worker(
+            store=self._store,
+            providers=self._providers,
+            submitter=self._submitter,
+            status=self._status,
+            results=self._results,
+            handlers=self._handlers,
+            listener=self._listener,
+            options=options,
+            clock=clock,
+            is_closed=lambda: self._closed,
+        )
+
+    async def stats(self) -> Stats:
+        """Batches by status, the age of the oldest in-flight batch, and live workers: for an
+        app's metrics."""
+        self._check_open()
+        by_status, oldest = await self._store.batches.stats()
+        alive = await self._store.claims.workers_alive()
+        return Stats(
+            batches_by_status=by_status, oldest_in_flight_seconds=oldest, workers_alive=alive
+        )
 
     async def wait(
         self,
@@ -180,59 +327,113 @@ class BatchInfer:
         poll_interval: float | None = None,
         on_poll: Callable[[Batch], Awaitable[None] | None] | None = None,
     ) -> Batch:
-        """Poll until the batch is terminal, then fetch its results and return it.
+        """Return the batch once it has ended and its results are applied.
 
-        ``on_poll`` is called with the batch after each poll (for progress reports). A poll that
-        fails with a transient provider error is logged and tried again at the next interval.
-        To bound the wait, wrap the call in ``asyncio.timeout()``; the batch goes on at the
-        provider.
+        While a worker is alive (in any process) this makes no provider call: it is woken by
+        Postgres notifications, re-checking every ``poll_interval`` in case one is missed.
+        With no worker alive it drives the batch itself: submits it if it was created with
+        ``submit=True``, polls every ``poll_interval`` seconds, then applies the results.
+        ``on_poll`` is called with the batch each time it is looked at (for progress). Errors
+        worth retrying (provider or database) are logged and retried. To bound the wait, wrap
+        the call in ``asyncio.timeout()``; the batch goes on.
         """
+        self._check_open()
         batch_id = _batch_id(batch)
         interval = self.poll_interval if poll_interval is None else poll_interval
         while True:
+            self._check_open()
             try:
-                current = await self._lifecycle.refresh(batch_id)
-            except TransientProviderError as exc:
-                # A batch runs for hours; one failed poll (already retried) is not the end.
+                async with self._listener.subscribe(str(batch_id)) as woken:
+                    current = await self._store.batches.get(batch_id)
+                    if current.is_done:
+                        return current
+                    if await self._store.claims.workers_alive():
+                        await _call(on_poll, current)
+                        # Woken by a notification, or re-check in case one was missed.
+                        await _wait_event(woken, max(interval, 1.0))
+                        continue
+                current = await self._drive(current)
+            except (TransientProviderError, TransientStorageError) as exc:
+                # A batch runs for hours; one failed step (already retried) is not the end.
                 logger.warning(
-                    "batchinfer.poll_failed",
-                    extra={"batchinfer.batch_id": str(batch_id), "batchinfer.error": str(exc)},
+                    "batchinfer.wait_step_failed batch %s: %s",
+                    batch_id,
+                    exc,
+                    extra={
+                        "batchinfer.event": "wait_step_failed",
+                        "batchinfer.batch_id": str(batch_id),
+                        "batchinfer.error": str(exc),
+                    },
                 )
                 await self._sleep(interval)
                 continue
-            if on_poll is not None:
-                result = on_poll(current)
-                if result is not None:
-                    await result
-            if current.is_terminal:
-                try:
-                    return await self._lifecycle.fetch_results(batch_id)
-                except ResultsNotReadyError:
-                    pass
+            await _call(on_poll, current)
+            if current.is_done:
+                return current
             await self._sleep(interval)
 
+    async def _drive(self, batch: Batch) -> Batch:
+        """One step of a batch nobody else drives: submit, poll, or apply its results."""
+        if batch.provider_batch_id is None:
+            if batch.submit_requested_at is None:
+                raise InvalidBatchError(
+                    f"batch {batch.id} is {batch.status.value} and was never submitted: call "
+                    "submit_batch() first, or create it with submit=True"
+                )
+            try:
+                batch = await self._submitter.submit(batch.id)
+            except InvalidBatchError:
+                # Someone else is submitting it right now; look again next time.
+                return await self._store.batches.get(batch.id)
+        # A terminal batch is polled too: a lagging file id may still arrive.
+        batch = await self._status.refresh(batch.id)
+        if batch.is_terminal:
+            try:
+                batch, report = await self._results.run(batch.id)
+            except ResultsNotReadyError:
+                return batch
+            if report is not None:
+                self._last_report = report
+        return batch
+
+    # -- reading ------------------------------------------------------------------------------
+
     async def get_batch(self, batch: BatchRef) -> Batch:
-        return await self.store.get_batch(_batch_id(batch))
+        self._check_open()
+        return await self._store.batches.get(_batch_id(batch))
 
     async def list_batches(
-        self, *, status: BatchStatus | str | None = None, limit: int = 50
+        self,
+        *,
+        status: BatchStatus | str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        limit: int = 50,
     ) -> list[Batch]:
-        """The newest batches first."""
-        wanted = BatchStatus(status) if status is not None else None
-        return await self.store.list_batches(status=wanted, limit=limit)
+        """The newest batches first; ``metadata`` keeps those whose metadata contains it."""
+        self._check_open()
+        try:
+            wanted = BatchStatus(status) if status is not None else None
+        except ValueError:
+            known = ", ".join(s.value for s in BatchStatus)
+            raise InvalidRequestError(f"unknown batch status {status!r}; one of {known}") from None
+        return await self._store.batches.find(
+            status=wanted, metadata=dict(metadata) if metadata else None, limit=limit
+        )
 
     async def completions(
         self, batch: BatchRef, *, status: CompletionStatus | str | None = None
     ) -> AsyncIterator[Completion]:
         """Every completion of a batch in request order, read a page at a time."""
+        self._check_open()
         wanted = CompletionStatus(status) if status is not None else None
-        async for page in self.store.completion_pages(_batch_id(batch), status=wanted):
+        async for page in self._store.completions.pages(_batch_id(batch), status=wanted):
             for completion in page:
                 yield completion
 
     async def summary(self, batch: BatchRef) -> dict[str, Any]:
         """Counts by status and token totals of a batch's completions."""
-        return await self.store.summary(_batch_id(batch))
+        self._check_open()
+        return await self._store.completions.summary(_batch_id(batch))
 
     async def complete(
         self,
@@ -249,7 +450,8 @@ class BatchInfer:
         The body is checked as a batch request would be and the response goes through the same
         parser and the same write as batch results; it is priced at the live rate.
         """
-        return await self._lifecycle.complete_live(
+        self._check_open()
+        return await self._live.complete(
             provider=provider,
             endpoint=endpoint,
             model=model,
@@ -257,6 +459,21 @@ class BatchInfer:
             custom_id=custom_id or f"live-{uuid.uuid4()}",
             metadata=metadata,
         )
+
+
+async def _call(callback: Callable[[Batch], Awaitable[None] | None] | None, batch: Batch) -> None:
+    if callback is not None:
+        result = callback(batch)
+        if result is not None:
+            await result
+
+
+async def _wait_event(event: asyncio.Event, seconds: float) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        pass
 
 
 def _redacted(url: str) -> str:

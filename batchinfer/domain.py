@@ -192,10 +192,32 @@ class Batch:
     input_cost: Decimal | None
     output_cost: Decimal | None
     total_cost: Decimal | None
+    #: Set by ``create_batch(submit=True)``: a worker submits it.
+    submit_requested_at: datetime | None = None
+    #: When a worker next polls it (or submits it), and how many polls so far.
+    next_poll_at: datetime | None = None
+    poll_count: int = 0
+    #: The named completion handler, run with every unnamed one once results are applied.
+    handler: str | None = None
+    #: Keys of the handlers that have returned (each runs once).
+    handlers_done: tuple[str, ...] = ()
+    #: Set once every handler has returned.
+    handler_dispatched_at: datetime | None = None
+    handler_attempts: int = 0
+    #: The last error a handler raised.
+    handler_error: str | None = None
+    handler_next_at: datetime | None = None
+    #: Set when the handlers failed ``handler_attempts`` times in a row: no more retries.
+    handler_gave_up_at: datetime | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
+
+    @property
+    def is_done(self) -> bool:
+        """Ended, with its results applied: nothing more happens to its completions."""
+        return self.results_applied_at is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,3 +280,12 @@ class ApplyReport:
     duplicates: int = 0
     malformed: int = 0
     swept: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stats:
+    """For an app's metrics: batches by status, and how long the oldest in-flight one has run."""
+
+    batches_by_status: dict[str, int]
+    oldest_in_flight_seconds: float | None
+    workers_alive: int

@@ -6,9 +6,11 @@
     ├── InvalidRequestError      a request given to create_batch is unusable
     ├── InvalidBatchError        the verb does not apply to the batch in its current status
     ├── BatchNotFoundError       no batch with that id in the database
+    ├── ClosedError              the BatchInfer (or its worker) was closed; make a new one
     ├── ResultsNotReadyError     transient: the provider says done but its files are not there yet
     ├── JsonlError               a line of a provider file could not be read (carries line_no)
     ├── StorageError             the database failed (cause chained)
+    │   ├── TransientStorageError  connection lost, server restarting, timeout: run it again
     │   ├── SchemaNotReadyError  the tables are missing or older than this version: run migrate()
     │   └── DataRejectedError    the database refused a value (out of range, invalid text)
     └── ProviderError            the provider answered with an error, or could not be reached
@@ -53,6 +55,10 @@ class BatchNotFoundError(BatchInferError, LookupError):
     """No batch with this id exists in the database."""
 
 
+class ClosedError(BatchInferError, RuntimeError):
+    """The BatchInfer was closed with ``aclose()``; it opens no new connection or session."""
+
+
 class ResultsNotReadyError(BatchInferError):
     """The provider reports the batch finished but its result files are not available yet.
 
@@ -70,6 +76,13 @@ class JsonlError(BatchInferError, ValueError):
 
 class StorageError(BatchInferError):
     """The database could not complete the operation."""
+
+
+class TransientStorageError(StorageError):
+    """The database could not be reached or dropped the connection, or a statement timed out.
+
+    Nothing was half-written (each write is one transaction); the same call may succeed later.
+    """
 
 
 class SchemaNotReadyError(StorageError):

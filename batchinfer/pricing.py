@@ -16,7 +16,7 @@ from typing import Any
 
 import genai_prices
 
-from batchinfer.domain import Costs, Usage
+from batchinfer.domain import Costs, Pricer, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,24 @@ class Pricing:
             )
         )
         return Costs(input=calc["input_price"] * discount, output=calc["output_price"] * discount)
+
+    def pricer(self, provider: str, model: str, discount: Decimal) -> Pricer:
+        """Prices responses times ``discount``: by ``model`` when the caller set its price,
+        else by the (often dated) model each response names, else by ``model``."""
+
+        def price(named: str | None, usage: Usage) -> Costs | None:
+            try:
+                if named and named != model and not self.has_override(model):
+                    costs = self.costs(provider, named, usage, discount=discount)
+                    if costs is not None:
+                        return costs
+                return self.costs(provider, model, usage, discount=discount)
+            except Exception:
+                # A price table problem must not cost the result; the row just has no cost.
+                logger.warning("batchinfer.pricing_failed", exc_info=True)
+                return None
+
+        return price
 
     def _flat_rates(self, provider: str, model: str, discount: Decimal) -> _Rates | None:
         price = self._price(provider, model)

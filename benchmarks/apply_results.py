@@ -88,7 +88,7 @@ async def baseline(
 
     batch = await bi.get_batch(batch_id)
     engine = create_async_engine(_asyncpg_url(engine_url))
-    schema = bi.store.schema
+    schema = bi.schema
     started = time.perf_counter()
     async with (
         aiohttp.ClientSession() as session,
@@ -191,7 +191,7 @@ async def run(args: argparse.Namespace, database_url: str) -> None:
             while (await bi.fetch_batch_status(twin)).value != "completed":
                 await asyncio.sleep(0.25)
             base_rate = await baseline(bi, database_url, twin.id, base, args.baseline_rows)
-            async with bi.store._engine.begin() as conn:
+            async with bi._store.db.engine.begin() as conn:
                 await conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
 
         print(f"requests                 {args.requests:,} ({mb:.1f} MB of JSONL)")
@@ -278,9 +278,9 @@ async def run_phase(args: argparse.Namespace, database_url: str) -> None:
         if args.phase == "submit":
             await bi.submit_batch(batch)
         elif args.phase == "upload":
-            lifecycle = bi._lifecycle
+            submitter = bi._submitter
             await provider.upload_input(
-                lambda: lifecycle._input_stream(batch, provider), filename="sink.jsonl"
+                lambda: submitter._input_stream(batch, provider), filename="sink.jsonl"
             )
         else:
             await bi.fetch_batch_results(batch)

@@ -239,7 +239,7 @@ async def test_the_sweep_refuses_when_the_file_ids_changed(
     await bi.fetch_batch_status(batch)
     current = await bi.get_batch(batch)
     # Finishing against file ids other than the batch's now is refused, changing nothing.
-    outcome = await bi.store.finish_results(
+    outcome = await bi._store.results.finish_results(
         batch.id,
         applied_files=(None, None),
         failure_error="x",

@@ -49,8 +49,8 @@ async def test_migrate_is_idempotent_and_safe_concurrently(
         version = (
             await conn.execute(sa.text(f'SELECT version_num FROM "{schema}".alembic_version'))
         ).scalar_one()
-    assert tables == {"alembic_version", "batches", "completions"}
-    assert version == "0001"
+    assert tables == {"alembic_version", "batches", "completions", "workers"}
+    assert version == "0002"
     for c in clients:
         await c.aclose()
 

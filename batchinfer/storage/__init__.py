@@ -1,7 +1,9 @@
-"""Postgres storage: the tables, their migrations, and the one module that writes SQL."""
+"""Postgres storage: the tables, their migrations, and the only modules that write SQL."""
 
 from __future__ import annotations
 
-from batchinfer.storage.store import ApplyResult, Store
+from batchinfer.storage.database import wrap_db_errors
+from batchinfer.storage.results import ApplyResult
+from batchinfer.storage.store import Store
 
-__all__ = ["ApplyResult", "Store"]
+__all__ = ["ApplyResult", "Store", "wrap_db_errors"]

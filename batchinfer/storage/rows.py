@@ -121,6 +121,16 @@ def batch_from_row(row: sa.Row[Any]) -> Batch:
         input_cost=m["input_cost"],
         output_cost=m["output_cost"],
         total_cost=m["total_cost"],
+        submit_requested_at=m["submit_requested_at"],
+        next_poll_at=m["next_poll_at"],
+        poll_count=m["poll_count"],
+        handler=m["handler"],
+        handlers_done=tuple(m["handlers_done"] or ()),
+        handler_dispatched_at=m["handler_dispatched_at"],
+        handler_attempts=m["handler_attempts"],
+        handler_error=m["handler_error"],
+        handler_next_at=m["handler_next_at"],
+        handler_gave_up_at=m["handler_gave_up_at"],
     )
 
 

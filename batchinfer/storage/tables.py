@@ -19,7 +19,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSON, JSONB, TIMESTAMP
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, TIMESTAMP
 
 metadata = MetaData(
     naming_convention={
@@ -82,10 +82,23 @@ batches = Table(
     Column("submitted_at", Timestamp),
     Column("ended_at", Timestamp),
     Column("results_applied_at", Timestamp),
-    # For workers that poll on a schedule; the verbs leave it alone.
+    # When a worker should next look at it (submit, poll); NULL is "now".
     Column("next_poll_at", Timestamp),
-    # Held by the one caller submitting the batch, so two cannot both create a provider batch.
-    Column("submit_lease_until", Timestamp),
+    Column("poll_count", Integer, nullable=False, server_default="0"),
+    # Created with submit=True: a worker submits it.
+    Column("submit_requested_at", Timestamp),
+    # The one claim, for submitters and workers alike: whoever holds it until claimed_until
+    # (renewed while working) is the only one driving the batch. A dead holder's claim lapses.
+    Column("claimed_by", Text),
+    Column("claimed_until", Timestamp),
+    # Completion handlers: the batch's named one, the keys of those that returned, retries.
+    Column("handler", Text),
+    Column("handlers_done", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("handler_attempts", Integer, nullable=False, server_default="0"),
+    Column("handler_error", Text),
+    Column("handler_next_at", Timestamp),
+    Column("handler_dispatched_at", Timestamp),
+    Column("handler_gave_up_at", Timestamp),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",
@@ -99,6 +112,26 @@ batches = Table(
         "next_poll_at",
         postgresql_where=text("results_applied_at IS NULL"),
     ),
+    Index(
+        "ix_batches_handlers_due",
+        "handler_next_at",
+        postgresql_where=text(
+            "results_applied_at IS NOT NULL AND handler_dispatched_at IS NULL "
+            "AND handler_gave_up_at IS NULL"
+        ),
+    ),
+    Index("ix_batches_metadata", "metadata", postgresql_using="gin"),
+)
+
+#: Live workers, so wait() knows whether anyone else is driving batches.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Timestamp, nullable=False, server_default=func.now()),
+    Column("alive_until", Timestamp, nullable=False),
 )
 
 completions = Table(

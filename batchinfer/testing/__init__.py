@@ -1,7 +1,8 @@
-"""Test helpers shipped with batchinfer: a real local OpenAI-compatible server."""
+"""Test helpers shipped with batchinfer: a real local OpenAI-compatible server, and a clock."""
 
 from __future__ import annotations
 
+from .clock import FakeClock
 from .emulator import Emulator
 
-__all__ = ["Emulator"]
+__all__ = ["Emulator", "FakeClock"]

@@ -1,0 +1,73 @@
+"""What every flow shares: the configured providers, log events, and the shielded write."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from batchinfer.domain import Batch
+from batchinfer.errors import InvalidBatchError
+from batchinfer.providers.base import Provider
+
+logger = logging.getLogger("batchinfer.lifecycle")
+
+T = TypeVar("T")
+
+
+class Providers:
+    """The providers a BatchInfer was given, by name."""
+
+    def __init__(self, providers: Mapping[str, Provider]) -> None:
+        self.by_name = dict(providers)
+
+    def get(self, name: str) -> Provider:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self.by_name)) or "none"
+            raise InvalidBatchError(
+                f"no provider named {name!r} is configured (configured: {known}); pass it in "
+                "BatchInfer(providers=[...])"
+            ) from None
+
+
+async def finish_even_if_cancelled(write: Coroutine[Any, Any, T]) -> T:
+    """Run the write that records outcomes to its end even if the caller is cancelled, then
+    let the cancellation go on: nothing outlives the call, and nothing is left half-done."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
+
+
+def extra(batch: Batch, **fields: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "batchinfer.batch_id": str(batch.id),
+        "batchinfer.provider": batch.provider,
+        "batchinfer.provider_batch_id": batch.provider_batch_id,
+    }
+    values.update({f"batchinfer.{k}": v for k, v in fields.items()})
+    return values
+
+
+def log(event: str, batch: Batch, *, level: int = logging.INFO, **fields: Any) -> None:
+    """One event: a stable name, the ids and key figures readable in the message itself, and
+    every field in ``extra`` for structured handlers."""
+    figures = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    ids = f"batch {batch.id}" + (
+        f" ({batch.provider} {batch.provider_batch_id})" if batch.provider_batch_id else ""
+    )
+    logger.log(
+        level,
+        "batchinfer.%s %s%s",
+        event,
+        ids,
+        f" {figures}" if figures else "",
+        extra=extra(batch, event=event, **fields),
+    )

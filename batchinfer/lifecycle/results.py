@@ -1,0 +1,307 @@
+"""One results pass: stream the provider's files, parse each line, apply chunks, then sweep.
+
+Parsing runs in one task while writer tasks apply chunks of outcomes, each in one statement
+conditional on the row not yet being terminal, so a pass that stops anywhere can be run again
+and changes nothing already applied. Each pass returns its own report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+
+from batchinfer.domain import (
+    ApplyReport,
+    Batch,
+    BatchStatus,
+    CompletionStatus,
+    Pricer,
+    ResultOutcome,
+)
+from batchinfer.errors import (
+    DataRejectedError,
+    InvalidBatchError,
+    JsonlError,
+    ResultsNotReadyError,
+)
+from batchinfer.jsonl import RawLine, decode_object, iter_lines
+from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log
+from batchinfer.pricing import Pricing
+from batchinfer.providers.base import Provider
+from batchinfer.storage.results import ApplyResult
+from batchinfer.storage.store import Store
+
+_YIELD_EVERY = 100
+_FILE_ID_CHANGES = 3
+
+
+@dataclasses.dataclass(slots=True)
+class _Tally:
+    applied: int = 0
+    already_applied: int = 0
+    unknown: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+
+
+class ResultsPass:
+    """Applies a terminal batch's results; safe to run again, and concurrently."""
+
+    def __init__(
+        self,
+        store: Store,
+        providers: Providers,
+        pricing: Pricing,
+        *,
+        chunk_size: int = 1_000,
+        writers: int = 2,
+    ) -> None:
+        self.store = store
+        self.providers = providers
+        self.pricing = pricing
+        self.chunk_size = chunk_size
+        self.writers = writers
+
+    async def run(
+        self, batch_id: uuid.UUID, *, force: bool = False
+    ) -> tuple[Batch, ApplyReport | None]:
+        """The batch with its results applied, and what this pass did (None: already done)."""
+        for _ in range(_FILE_ID_CHANGES):
+            try:
+                return await self._once(batch_id, force=force)
+            except _FilesChanged:
+                # A poll recorded a file id while we applied; apply again (idempotent).
+                continue
+        raise ResultsNotReadyError(
+            f"batch {batch_id}: the provider's result file ids kept changing while they were "
+            "applied; fetch the results again later"
+        )
+
+    async def _once(self, batch_id: uuid.UUID, *, force: bool) -> tuple[Batch, ApplyReport | None]:
+        batch = await self.store.batches.get(batch_id)
+        if batch.results_applied_at is not None:
+            return batch, None
+        if not batch.is_terminal:
+            raise InvalidBatchError(
+                f"batch {batch.id} is {batch.status.value}; results can be fetched once it is "
+                "completed, expired or cancelled (use wait() to poll until then)"
+            )
+        tally = _Tally()
+        if batch.status.has_results:
+            missing = None if force else _missing_file(batch)
+            if missing:
+                raise ResultsNotReadyError(
+                    f"batch {batch.id} is {batch.status.value} with {missing}; poll its status "
+                    "again before fetching (or pass force=True to fail what is not there)"
+                )
+            seen: set[str] = set()
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if file_id is not None:
+                    await self._apply_file(batch, file_id, seen, tally)
+        line_reasons: dict[int, str] = {}
+        if batch.status is BatchStatus.FAILED:
+            failure_error = f"{batch.provider} batch failed"
+            failure_reason = (
+                f"batch {batch.id} failed at the provider: "
+                f"{batch.failure_reason or 'no reason given'}"
+            )
+            for err in batch.provider_errors:
+                if isinstance(err.get("line"), int):
+                    code = f" [{err['code']}]" if err.get("code") else ""
+                    line_reasons[err["line"]] = f"{err.get('message')}{code}"
+        else:
+            failure_error = f"{batch.provider} batch entry missing"
+            failure_reason = (
+                f"result not present in the output or error file (batch {batch.id}, "
+                f"provider batch {batch.provider_batch_id}, status {batch.status.value})"
+            )
+            if batch.failure_reason:  # e.g. expired here after its maximum age
+                failure_reason += f": {batch.failure_reason}"
+        finished = await self.store.results.finish_results(
+            batch.id,
+            applied_files=(batch.output_file_id, batch.error_file_id),
+            failure_error=failure_error,
+            failure_reason=failure_reason,
+            line_reasons=line_reasons,
+        )
+        if finished is None:
+            raise _FilesChanged
+        batch, swept = finished
+        report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
+        log("results_applied", batch, status=batch.status.value, **dataclasses.asdict(report))
+        return batch, report
+
+    async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
+        """Stream one file: parse in this task, write chunks from ``writers`` tasks."""
+        queue: asyncio.Queue[list[tuple[int, ResultOutcome]] | None] = asyncio.Queue(
+            maxsize=self.writers * 2
+        )
+
+        async def writer() -> None:
+            while (chunk := await queue.get()) is not None:
+                result = await self._write_chunk(batch, file_id, chunk)
+                tally.applied += result.applied
+                tally.already_applied += len(result.already_applied)
+                if result.unknown:
+                    unknown = set(result.unknown)
+                    tally.unknown += len(unknown)
+                    for line_no, o in chunk:
+                        if o.custom_id in unknown:
+                            log(
+                                "result_unknown_custom_id",
+                                batch,
+                                level=logging.WARNING,
+                                file_id=file_id,
+                                line_no=line_no,
+                                custom_id=o.custom_id,
+                            )
+
+        adapter = self.providers.get(batch.provider)
+        price = self.pricing.pricer(batch.provider, batch.model, adapter.batch_discount)
+
+        async def producer() -> None:
+            chunk: list[tuple[int, ResultOutcome]] = []
+            async with adapter.open_file(file_id) as chunks:
+                async for line in iter_lines(chunks):
+                    outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
+                    if outcome is None:
+                        continue
+                    if outcome.custom_id in seen:
+                        tally.duplicates += 1
+                        log(
+                            "result_duplicate",
+                            batch,
+                            level=logging.WARNING,
+                            file_id=file_id,
+                            line_no=line.line_no,
+                            custom_id=outcome.custom_id,
+                        )
+                        continue
+                    seen.add(outcome.custom_id)
+                    chunk.append((line.line_no, outcome))
+                    if len(chunk) >= self.chunk_size:
+                        await queue.put(chunk)
+                        chunk = []
+                    elif len(chunk) % _YIELD_EVERY == 0:
+                        # Buffered reads do not suspend; let finished writes be picked up.
+                        await asyncio.sleep(0)
+            if chunk:
+                await queue.put(chunk)
+            for _ in range(self.writers):
+                await queue.put(None)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(self.writers):
+                    tg.create_task(writer(), name=f"batchinfer-apply-{batch.id}-{i}")
+                tg.create_task(producer(), name=f"batchinfer-download-{batch.id}")
+        except BaseExceptionGroup as group:
+            # Callers expect the one error that stopped the pass, not a group of one.
+            first = group.exceptions[0]
+            if len(group.exceptions) == 1 and isinstance(first, Exception):
+                raise first from first.__cause__
+            raise
+
+    async def _write_chunk(
+        self, batch: Batch, file_id: str, chunk: list[tuple[int, ResultOutcome]]
+    ) -> ApplyResult:
+        """One chunk in one statement; should the database refuse a value, row by row, so one
+        bad result fails alone (logged with its line) instead of stopping the pass."""
+        try:
+            return await finish_even_if_cancelled(
+                self.store.results.apply_outcomes(batch.id, [o for _, o in chunk])
+            )
+        except DataRejectedError:
+            pass
+        results = [await self._write_one(batch, file_id, line_no, o) for line_no, o in chunk]
+        return ApplyResult(
+            applied=sum(r.applied for r in results),
+            already_applied=[c for r in results for c in r.already_applied],
+            unknown=[c for r in results for c in r.unknown],
+        )
+
+    async def _write_one(
+        self, batch: Batch, file_id: str, line_no: int, outcome: ResultOutcome
+    ) -> ApplyResult:
+        try:
+            return await finish_even_if_cancelled(
+                self.store.results.apply_outcomes(batch.id, [outcome])
+            )
+        except DataRejectedError as exc:
+            log(
+                "result_unstorable",
+                batch,
+                level=logging.WARNING,
+                file_id=file_id,
+                line_no=line_no,
+                custom_id=outcome.custom_id,
+                error=str(exc),
+            )
+            failed = ResultOutcome(
+                custom_id=outcome.custom_id,
+                status=CompletionStatus.FAILED,
+                status_code=outcome.status_code,
+                failure_error="batchinfer could not store this result",
+                failure_reason=f"line {line_no} of file {file_id}: {exc}"[:255],
+            )
+            return await finish_even_if_cancelled(
+                self.store.results.apply_outcomes(batch.id, [failed])
+            )
+
+    def _parse_line(
+        self,
+        batch: Batch,
+        adapter: Provider,
+        file_id: str,
+        line: RawLine,
+        price: Pricer,
+        tally: _Tally,
+    ) -> ResultOutcome | None:
+        try:
+            record = decode_object(line)
+            return adapter.parse_result(record, endpoint=batch.endpoint, price=price)
+        except (JsonlError, ValueError) as exc:
+            tally.malformed += 1
+            log(
+                "result_malformed",
+                batch,
+                level=logging.WARNING,
+                file_id=file_id,
+                line_no=line.line_no,
+                error=str(exc),
+            )
+            return None
+        except Exception as exc:
+            # One odd response must not stop its siblings: fail that entry, keep going.
+            custom_id = record.get("custom_id")
+            if not isinstance(custom_id, str):
+                tally.malformed += 1
+                return None
+            return ResultOutcome(
+                custom_id=custom_id,
+                status=CompletionStatus.FAILED,
+                failure_error="batchinfer could not read this result",
+                failure_reason=f"{type(exc).__name__}: {exc}"[:255],
+            )
+
+
+class _FilesChanged(Exception):
+    """The batch's file ids changed between reading and sweeping it."""
+
+
+def _missing_file(batch: Batch) -> str | None:
+    """Why the provider's files cannot all be there yet, judging by its counts; else None."""
+    counts = batch.request_counts
+    if counts.completed > 0 and batch.output_file_id is None:
+        return f"{counts.completed} completed requests but no output file yet"
+    if counts.failed > 0 and batch.error_file_id is None:
+        return f"{counts.failed} failed requests but no error file yet"
+    if (
+        batch.status is BatchStatus.COMPLETED
+        and batch.output_file_id is None
+        and batch.error_file_id is None
+    ):
+        return "neither an output nor an error file yet"
+    return None

@@ -1,0 +1,99 @@
+"""Reading completions, the realtime path's rows, and per-batch summaries."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from batchinfer.domain import Completion, CompletionStatus
+from batchinfer.storage.database import Database
+from batchinfer.storage.rows import completion_from_row
+from batchinfer.storage.tables import completions
+
+
+class CompletionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def pages(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        status: CompletionStatus | None = None,
+        page_size: int = 1_000,
+    ) -> AsyncIterator[list[Completion]]:
+        after = 0
+        while True:
+            query = (
+                sa.select(completions)
+                .where(completions.c.batch_id == batch_id, completions.c.line_no > after)
+                .order_by(completions.c.line_no)
+                .limit(page_size)
+            )
+            if status is not None:
+                query = query.where(completions.c.status == status.value)
+            async with self.db.connect(f"reading the completions of batch {batch_id}") as conn:
+                rows = (await conn.execute(query)).all()
+            if not rows:
+                return
+            yield [completion_from_row(r) for r in rows]
+            after = rows[-1].line_no
+
+    async def get(self, completion_id: int) -> Completion:
+        async with self.db.connect(f"reading completion {completion_id}") as conn:
+            row = (
+                await conn.execute(sa.select(completions).where(completions.c.id == completion_id))
+            ).one()
+        return completion_from_row(row)
+
+    async def create_live(
+        self, *, custom_id: str, body: dict[str, Any], metadata: dict[str, Any]
+    ) -> int:
+        """A completion outside any batch, for the realtime path."""
+        async with self.db.tx("recording a live request") as conn:
+            return int(
+                (
+                    await conn.execute(
+                        completions.insert()
+                        .values(
+                            batch_id=None,
+                            custom_id=custom_id,
+                            line_no=1,
+                            status=CompletionStatus.SUBMITTED.value,
+                            request_body=body,
+                            metadata=metadata,
+                            started_at=sa.func.now(),
+                        )
+                        .returning(completions.c.id)
+                    )
+                ).scalar_one()
+            )
+
+    async def summary(self, batch_id: uuid.UUID) -> dict[str, Any]:
+        """Counts by status and token sums, for reports."""
+        c = completions.c
+        query = (
+            sa.select(
+                c.status,
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.cached_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.reasoning_tokens), 0),
+            )
+            .where(c.batch_id == batch_id)
+            .group_by(c.status)
+        )
+        async with self.db.connect(f"summarising batch {batch_id}") as conn:
+            rows = (await conn.execute(query)).all()
+        by_status = {r[0]: int(r[1]) for r in rows}
+        return {
+            "by_status": by_status,
+            "prompt_tokens": sum(int(r[2]) for r in rows),
+            "completion_tokens": sum(int(r[3]) for r in rows),
+            "cached_tokens": sum(int(r[4]) for r in rows),
+            "reasoning_tokens": sum(int(r[5]) for r in rows),
+        }
