@@ -13,8 +13,29 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "emulator", "migrate"):
-        assert command in out
+    for command in ("demo", "emulator", "migrate", "run", "ls", "status", "cancel", "results"):
+        assert f"    {command} " in out
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ("run", ("--output", "--api-key", "--poll-interval", "--metadata", "re-attaches")),
+        ("ls", ("--status", "--limit", "--database")),
+        ("status", ("BATCH", "--schema")),
+        ("cancel", ("BATCH", "--api-key", "--base-url")),
+        ("results", ("BATCH", "--output", "--data-dir")),
+    ],
+)
+def test_every_command_explains_itself(
+    capsys: pytest.CaptureFixture[str], command: str, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for word in words:
+        assert word in out
 
 
 def test_migrate_without_a_database_says_what_to_do(

@@ -1,4 +1,9 @@
-"""The ``batchinfer`` command. Environment variables are read here, never in the library."""
+"""The ``batchinfer`` command. Environment variables are read here, never in the library.
+
+``run`` lives in :mod:`batchinfer.cli.run`, the commands on stored batches in
+:mod:`batchinfer.cli.inspect`; this module wires them and the demo, emulator and migrate
+commands into one parser.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
+from batchinfer.cli import inspect, run
+from batchinfer.cli.common import DATABASE_ENV, CliError
 from batchinfer.errors import BatchInferError
-
-DATABASE_ENV = "BATCHINFER_DATABASE_URL"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         "--database", default=os.environ.get(DATABASE_ENV), help=f"Postgres URL (${DATABASE_ENV})"
     )
     migrate.add_argument("--schema", default="batchinfer", help="schema (default batchinfer)")
+
+    run.add_parser(commands)
+    inspect.add_parsers(commands)
     return parser
 
 
@@ -86,6 +94,9 @@ async def _migrate(database: str, schema: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "handler"):
+            code: int = args.handler(args)
+            return code
         if args.command == "demo":
             from batchinfer.demo import run_demo
 
@@ -110,9 +121,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
             asyncio.run(_migrate(args.database, args.schema))
+    except CliError as exc:
+        print(f"batchinfer {args.command}: {exc}", file=sys.stderr)
+        return exc.code
     except (BatchInferError, ValueError) as exc:
         print(f"batchinfer {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if args.command == "demo":
+            raise
+        print(f"batchinfer {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
