@@ -10,12 +10,14 @@ from batchinfer.domain import (
     Completion,
     CompletionStatus,
     RequestCounts,
+    Stats,
     Usage,
 )
 from batchinfer.errors import (
     AuthenticationError,
     BatchInferError,
     BatchNotFoundError,
+    ClosedError,
     DataRejectedError,
     InvalidBatchError,
     InvalidRequestError,
@@ -29,9 +31,11 @@ from batchinfer.errors import (
     SchemaNotReadyError,
     StorageError,
     TransientProviderError,
+    TransientStorageError,
 )
 from batchinfer.pricing import Price
 from batchinfer.providers import OpenAIProvider, Provider
+from batchinfer.worker import Worker
 
 __all__ = [
     "ApplyReport",
@@ -41,6 +45,7 @@ __all__ = [
     "BatchInferError",
     "BatchNotFoundError",
     "BatchStatus",
+    "ClosedError",
     "Completion",
     "CompletionStatus",
     "DataRejectedError",
@@ -58,7 +63,10 @@ __all__ = [
     "RequestCounts",
     "ResultsNotReadyError",
     "SchemaNotReadyError",
+    "Stats",
     "StorageError",
     "TransientProviderError",
+    "TransientStorageError",
     "Usage",
+    "Worker",
 ]

@@ -40,6 +40,8 @@ Clock = Callable[[], datetime]
 #: The reference design's schedule: 1, 2, 5, 10 and 30 minutes, then every 30 minutes.
 DEFAULT_POLL_SCHEDULE = (60.0, 120.0, 300.0, 600.0, 1800.0)
 _UNKNOWN_HANDLER_CHECK = 60.0
+#: How long a batch past its maximum age may stay ``cancelling`` before it is ended here.
+_CANCEL_GRACE = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,16 +267,33 @@ class Worker:
                 if batch.status is not BatchStatus.PENDING or batch.submit_requested_at is None:
                     return batch
                 adapter = self.providers.get(batch.provider)
-                batch = await self.submitter.submit_claimed(batch, adapter, now=now)
+                batch = await self.submitter.submit_claimed(
+                    batch, adapter, now=now, first_poll_in=self.options.poll_schedule[0]
+                )
                 if not batch.is_terminal:
                     return batch
             elif not batch.is_terminal and self._too_old(batch, now):
-                batch = await self.status.expire(
-                    batch.id,
-                    reason=f"expired by batchinfer: still {batch.status.value} "
-                    f"{self.options.max_age_seconds / 3600:g} h after submission",
-                )
-                batch, _ = await self.results.run(batch.id, force=True)
+                # A cancel the provider accepted gets a grace period to end, so what it
+                # finished can be collected; past it, the batch ends here regardless.
+                grace = self._too_old(batch, now, grace=_CANCEL_GRACE)
+                if batch.status is BatchStatus.CANCELLING and not grace:
+                    batch = await self.status.refresh(
+                        batch.id, poll_delays=self.options.poll_schedule, now=now
+                    )
+                else:
+                    batch = await self.status.expire(
+                        batch.id,
+                        reason=f"expired by batchinfer: still {batch.status.value} "
+                        f"{self.options.max_age_seconds / 3600:g} h after submission",
+                        wait_for_cancel=not grace,
+                    )
+                    if batch.is_terminal:
+                        batch, _ = await self.results.run(batch.id, force=True)
+                    else:
+                        await self.store.batches.reschedule(
+                            batch.id, seconds=self.options.poll_schedule[0], now=now
+                        )
+                        return batch
             else:
                 # A terminal batch whose results could not be applied yet is polled too: a
                 # lagging file id may still arrive.
@@ -299,11 +318,12 @@ class Worker:
             batch = await self.dispatcher.dispatch(batch, now=now)
         return batch
 
-    def _too_old(self, batch: Batch, now: datetime | None) -> bool:
+    def _too_old(self, batch: Batch, now: datetime | None, *, grace: float = 0) -> bool:
         if batch.submitted_at is None:
             return False
         current = now or datetime.now(batch.submitted_at.tzinfo)
-        return current - batch.submitted_at > timedelta(seconds=self.options.max_age_seconds)
+        age = timedelta(seconds=self.options.max_age_seconds + grace)
+        return current - batch.submitted_at > age
 
     async def _failed(self, batch: Batch, exc: BaseException) -> None:
         """Log it and look again later; one bad batch does not hold up the others."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -19,3 +21,15 @@ def chat_requests(n: int, *, prefix: str = "q", words: int = 5) -> list[dict[str
         }
         for i in range(n)
     ]
+
+
+async def eventually(probe: Callable[[], Awaitable[object]], *, seconds: float = 10.0) -> Any:
+    """Poll ``probe`` until it returns something truthy, failing after ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still not true after {seconds} s: {probe}")
+        await asyncio.sleep(0.01)

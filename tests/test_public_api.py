@@ -21,6 +21,7 @@ EXPECTED_ALL = [
     "BatchInferError",
     "BatchNotFoundError",
     "BatchStatus",
+    "ClosedError",
     "Completion",
     "CompletionStatus",
     "DataRejectedError",
@@ -38,9 +39,12 @@ EXPECTED_ALL = [
     "RequestCounts",
     "ResultsNotReadyError",
     "SchemaNotReadyError",
+    "Stats",
     "StorageError",
     "TransientProviderError",
+    "TransientStorageError",
     "Usage",
+    "Worker",
 ]
 
 BATCH_FIELDS = {

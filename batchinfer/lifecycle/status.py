@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from batchinfer.domain import Batch
+from batchinfer.domain import Batch, BatchStatus
 from batchinfer.errors import BatchInferError, InvalidBatchError, ProviderRejectedError
 from batchinfer.lifecycle.common import Providers, log
 from batchinfer.storage.store import Store
@@ -83,13 +83,19 @@ class StatusKeeper:
         log("batch_cancel_requested", batch, status=batch.status.value)
         return batch
 
-    async def expire(self, batch_id: uuid.UUID, *, reason: str) -> Batch:
+    async def expire(
+        self, batch_id: uuid.UUID, *, reason: str, wait_for_cancel: bool = True
+    ) -> Batch:
         """End a batch that outlived its maximum age: a best-effort cancel at the provider and
-        a last look at what it holds, then a local ``expired`` unless the provider ended it."""
+        a last look at what it holds, then a local ``expired`` unless the provider ended it.
+
+        With ``wait_for_cancel``, a cancel the provider accepted (``cancelling``) is left to
+        finish, so the results it completed meanwhile, already paid for, can still be read.
+        """
         batch = await self.store.batches.get(batch_id)
         if batch.is_terminal:
             return batch
-        if batch.provider_batch_id is not None:
+        if batch.provider_batch_id is not None and batch.status is not BatchStatus.CANCELLING:
             adapter = self.providers.get(batch.provider)
             provider_batch_id = batch.provider_batch_id
             try:
@@ -100,6 +106,9 @@ class StatusKeeper:
             except BatchInferError as exc:
                 # Best effort: whatever the provider says, the batch ends here.
                 log("expire_cancel_failed", batch, level=logging.WARNING, error=str(exc))
+            if wait_for_cancel and batch.status is BatchStatus.CANCELLING:
+                log("batch_expiring", batch, status=batch.status.value, reason=reason)
+                return batch
         if not batch.is_terminal:
             batch = await self.store.batches.expire(batch.id, reason=reason)
         log("batch_expired", batch, status=batch.status.value, reason=reason)

@@ -81,7 +81,12 @@ class Submitter:
             return await self.submit_claimed(batch, adapter)
 
     async def submit_claimed(
-        self, batch: Batch, adapter: Provider, *, now: datetime | None = None
+        self,
+        batch: Batch,
+        adapter: Provider,
+        *,
+        now: datetime | None = None,
+        first_poll_in: float | None = None,
     ) -> Batch:
         """Submit a batch whose claim the caller holds; ``now`` is the clock polls are
         scheduled by."""
@@ -123,7 +128,10 @@ class Submitter:
         # Recording is what makes the money spent visible: finish it even if cancelled now.
         batch = await finish_even_if_cancelled(
             self.store.batches.record_submission(
-                batch.id, pb, first_poll_in=self.first_poll_in, now=now
+                batch.id,
+                pb,
+                first_poll_in=self.first_poll_in if first_poll_in is None else first_poll_in,
+                now=now,
             )
         )
         log("batch_submitted", batch, status=batch.status.value, requests=batch.request_total)

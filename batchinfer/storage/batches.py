@@ -242,8 +242,8 @@ class BatchStore:
         A poll answered before a cancel but recorded after it cannot turn ``cancelling`` back
         into ``in_progress``, and nothing undoes a terminal status. For a terminal batch only
         file ids still missing are filled in: a lagging output file id can still arrive.
-        With ``poll_delays`` the next poll is scheduled in the same transaction: the n-th poll
-        waits ``poll_delays[n]`` seconds, the last delay repeating.
+        With ``poll_delays`` the next poll is scheduled in the same transaction: after the
+        submission the first delay, then each next one, the last repeating.
         """
         async with self.db.tx(f"recording the status of batch {batch_id}") as conn:
             current = (
@@ -272,9 +272,13 @@ class BatchStore:
                     **provider_values(pb),
                 )
             if poll_delays:
-                delay = poll_delays[min(current.poll_count, len(poll_delays) - 1)]
+                # The first delay was waited before this poll (from the submission). An ended
+                # batch is due at once: its results are to be applied, by whoever is free.
+                delay = poll_delays[min(current.poll_count + 1, len(poll_delays) - 1)]
+                ended = stored.is_terminal or pb.status.is_terminal
                 update = update.values(
-                    next_poll_at=after(now, delay), poll_count=batches.c.poll_count + 1
+                    next_poll_at=at(now) if ended else after(now, delay),
+                    poll_count=batches.c.poll_count + 1,
                 )
             row = (await conn.execute(update)).one()
             batch = batch_from_row(row)
