@@ -141,6 +141,7 @@ class Worker:
                     free = self.options.concurrency - len(running)
                     if free > 0:
                         try:
+                            await self.listener.ensure()
                             await self._heartbeat()
                             if loop.time() - last_unknown_check >= _UNKNOWN_HANDLER_CHECK:
                                 last_unknown_check = loop.time()

@@ -501,6 +501,8 @@ async def test_nothing_works_after_close(
         await worker.run_once()
     with pytest.raises(ClosedError):
         bi.worker()
+    with pytest.raises(ClosedError, match="provider was closed"):
+        await provider.retrieve_batch("batch_1")
     async with engine.connect() as conn:  # a borrowed engine stays usable
         assert (await conn.execute(sa.text("SELECT 1"))).scalar_one() == 1
 
@@ -539,3 +541,46 @@ def test_worker_options_are_checked(bi: BatchInfer) -> None:
 
 async def _append(into: list[Batch], batch: Batch) -> None:
     into.append(batch)
+
+
+async def test_a_worker_rides_through_its_connections_being_killed(
+    database_url: str, engine: AsyncEngine, schema: str
+) -> None:
+    async with Emulator(step_seconds=0.05) as emulator:
+        provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+        async with BatchInfer(database_url, providers=[provider], schema=schema) as bi:
+            await bi.migrate()
+            handled: list[Batch] = []
+            bi.on_batch_end(lambda b: _append(handled, b))
+            batch = await create(bi, 5)
+            run = asyncio.create_task(
+                bi.worker(poll_schedule=(0.05,), idle_seconds=0.05, lease_seconds=2).run()
+            )
+            try:
+
+                async def submitted() -> bool:
+                    return (await bi.get_batch(batch)).provider_batch_id is not None
+
+                await eventually(submitted)
+                async with engine.connect() as conn:  # as a database restart does
+                    killed = (
+                        await conn.execute(
+                            sa.text(
+                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                                "AND query LIKE :mine"
+                            ),
+                            {"mine": f"%{schema}%"},
+                        )
+                    ).scalar_one()
+                assert killed >= 1
+
+                async def dispatched() -> bool:
+                    return (await bi.get_batch(batch)).handler_dispatched_at is not None
+
+                await eventually(dispatched, seconds=20)
+                assert not run.done()
+            finally:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+    assert [b.id for b in handled] == [batch.id]

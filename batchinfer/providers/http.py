@@ -21,6 +21,7 @@ import stamina
 
 from batchinfer.errors import (
     AuthenticationError,
+    ClosedError,
     PermanentProviderError,
     ProviderError,
     ProviderRejectedError,
@@ -113,11 +114,16 @@ class HttpClient:
         self._headers = dict(headers)
         self._session = session
         self._owns_session = session is None
+        self._closed = False
         self._timeout = timeout or aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
         self.attempts = attempts
         self.retry_timeout = retry_timeout
 
     def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ClosedError(
+                "this provider was closed (aclose(), or the end of its BatchInfer); make a new one"
+            )
         if self._session is None or (self._session.closed and self._owns_session):
             self._session = aiohttp.ClientSession(timeout=self._timeout)
             self._owns_session = True
@@ -129,6 +135,7 @@ class HttpClient:
         return self._session
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None

@@ -55,6 +55,19 @@ class Listener:
             for waiter in self._waiters.get(name, ()):
                 waiter.set()
 
+    async def ensure(self) -> None:
+        """Connect again if the listening connection was lost (a database restart)."""
+        if self.connected or self._closed or not self._waiters:
+            return
+        try:
+            await self._connect()
+        except BatchInferError as exc:
+            logger.warning(
+                "batchinfer.listen_failed %s: waiting on timeouts only",
+                exc,
+                extra={"batchinfer.event": "listen_failed", "batchinfer.error": str(exc)},
+            )
+
     @asynccontextmanager
     async def subscribe(self, key: str) -> AsyncIterator[asyncio.Event]:
         """An event set by the next notification about ``key``; subscribe before reading the
