@@ -37,7 +37,7 @@ from batchinfer.providers.base import Provider
 from batchinfer.storage.listen import Listener
 from batchinfer.storage.store import Store
 from batchinfer.validation import Requests
-from batchinfer.worker import DEFAULT_POLL_SCHEDULE, Clock, Worker, worker_options
+from batchinfer.worker import DEFAULT_POLL_SCHEDULE, Clock, Worker, WorkerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +288,8 @@ class BatchInfer:
         replaces the database's time for schedules, for tests.
         """
         self._check_open()
-        options = worker_options(
-            poll_schedule=poll_schedule,
+        options = WorkerOptions(
+            poll_schedule=tuple(float(d) for d in poll_schedule),
             lease_seconds=lease_seconds,
             max_age_seconds=max_age_seconds,
             handler_attempts=handler_attempts,

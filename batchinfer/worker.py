@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -351,25 +351,4 @@ def log_event(event: str, worker_id: str, **fields: object) -> None:
             "batchinfer.worker": worker_id,
             **{f"batchinfer.{k}": v for k, v in fields.items()},
         },
-    )
-
-
-def worker_options(
-    *,
-    poll_schedule: Sequence[float] = DEFAULT_POLL_SCHEDULE,
-    lease_seconds: float = 30.0,
-    max_age_seconds: float = 26 * 3600,
-    handler_attempts: int = 5,
-    concurrency: int = 4,
-    idle_seconds: float = 5.0,
-    shutdown_seconds: float = 5.0,
-) -> WorkerOptions:
-    return WorkerOptions(
-        poll_schedule=tuple(float(d) for d in poll_schedule),
-        lease_seconds=lease_seconds,
-        max_age_seconds=max_age_seconds,
-        handler_attempts=handler_attempts,
-        concurrency=concurrency,
-        idle_seconds=idle_seconds,
-        shutdown_seconds=shutdown_seconds,
     )

@@ -75,14 +75,7 @@ class Listener:
         event = asyncio.Event()
         self._waiters.setdefault(key, set()).add(event)
         try:
-            try:
-                await self._connect()
-            except BatchInferError as exc:
-                logger.warning(
-                    "batchinfer.listen_failed %s: waiting on timeouts only",
-                    exc,
-                    extra={"batchinfer.event": "listen_failed", "batchinfer.error": str(exc)},
-                )
+            await self.ensure()
             yield event
         finally:
             waiters = self._waiters.get(key)
