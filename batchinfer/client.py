@@ -347,6 +347,7 @@ class BatchInfer:
                     current = await self._store.batches.get(batch_id)
                     if current.is_done:
                         return current
+                    _check_will_be_submitted(current)
                     if await self._store.claims.workers_alive():
                         await _call(on_poll, current)
                         # Woken by a notification, or re-check in case one was missed.
@@ -375,11 +376,6 @@ class BatchInfer:
     async def _drive(self, batch: Batch) -> Batch:
         """One step of a batch nobody else drives: submit, poll, or apply its results."""
         if batch.provider_batch_id is None:
-            if batch.submit_requested_at is None:
-                raise InvalidBatchError(
-                    f"batch {batch.id} is {batch.status.value} and was never submitted: call "
-                    "submit_batch() first, or create it with submit=True"
-                )
             try:
                 batch = await self._submitter.submit(batch.id)
             except InvalidBatchError:
@@ -466,6 +462,14 @@ async def _call(callback: Callable[[Batch], Awaitable[None] | None] | None, batc
         result = callback(batch)
         if result is not None:
             await result
+
+
+def _check_will_be_submitted(batch: Batch) -> None:
+    if batch.provider_batch_id is None and batch.submit_requested_at is None:
+        raise InvalidBatchError(
+            f"batch {batch.id} is {batch.status.value} and was never submitted: call "
+            "submit_batch() first, or create it with submit=True"
+        )
 
 
 async def _wait_event(event: asyncio.Event, seconds: float) -> None:
