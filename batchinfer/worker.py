@@ -26,6 +26,7 @@ from batchinfer.errors import (
     ClosedError,
     PermanentProviderError,
     ResultsNotReadyError,
+    SchemaNotReadyError,
 )
 from batchinfer.lifecycle import Leases, Providers, ResultsPass, StatusKeeper, Submitter
 from batchinfer.lifecycle.common import log
@@ -148,16 +149,24 @@ class Worker:
                                 await self._log_unknown_handlers()
                             for batch in await self._claim(free, exclude=set(running)):
                                 running[batch.id] = self._spawn(batch, running)
+                        except SchemaNotReadyError:
+                            raise  # no table will appear by waiting: say so
                         except BatchInferError as exc:
                             # The database may be restarting: back off, keep going.
-                            log_event("worker_cycle_failed", self.id, error=str(exc))
+                            log_event(
+                                "worker_cycle_failed",
+                                self.id,
+                                level=logging.WARNING,
+                                error=str(exc),
+                            )
                     waiting: set[asyncio.Future[Any]] = {
                         asyncio.ensure_future(woken.wait()),
                         *running.values(),
                     }
                     await asyncio.wait(
                         waiting,
-                        timeout=self.options.idle_seconds,
+                        # A poll delay shorter than the idle time is not waited out longer.
+                        timeout=min(self.options.idle_seconds, *self.options.poll_schedule),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     for future in waiting:
@@ -167,12 +176,16 @@ class Worker:
             renewer.cancel()
             for task in running.values():
                 task.cancel()
-            if running:
-                # Writes in flight finish (they are shielded); the rest stops at once.
-                await asyncio.wait(running.values(), timeout=self.options.shutdown_seconds)
-            await asyncio.wait([renewer])
-            await asyncio.shield(self._retire_quietly())
-            log_event("worker_stopped", self.id)
+            try:
+                if running:
+                    # Writes in flight finish (they are shielded); the rest stops at once.
+                    await asyncio.wait(running.values(), timeout=self.options.shutdown_seconds)
+                await asyncio.wait([renewer])
+            finally:
+                # Even when cancelled again meanwhile: a lingering row would tell wait() in
+                # other processes that someone is still driving batches.
+                await asyncio.shield(self._retire_quietly())
+                log_event("worker_stopped", self.id)
 
     def _spawn(
         self, batch: Batch, running: dict[uuid.UUID, asyncio.Task[None]]
@@ -207,7 +220,9 @@ class Worker:
                 try:
                     await self._heartbeat()
                 except BatchInferError as exc:
-                    log_event("worker_heartbeat_failed", self.id, error=str(exc))
+                    log_event(
+                        "worker_heartbeat_failed", self.id, level=logging.WARNING, error=str(exc)
+                    )
 
     async def _heartbeat(self) -> None:
         await self.store.claims.heartbeat(
@@ -221,13 +236,15 @@ class Worker:
         try:
             await self.store.claims.retire(self.id)
         except BatchInferError as exc:
-            log_event("worker_retire_failed", self.id, error=str(exc))
+            log_event("worker_retire_failed", self.id, level=logging.WARNING, error=str(exc))
 
     async def _log_unknown_handlers(self) -> None:
         try:
             waiting = await self.store.claims.unknown_handlers(list(self.handlers.named))
+        except SchemaNotReadyError:
+            raise
         except BatchInferError as exc:
-            log_event("worker_cycle_failed", self.id, error=str(exc))
+            log_event("worker_cycle_failed", self.id, level=logging.WARNING, error=str(exc))
             return
         for batch in waiting:
             if batch.id not in self._unknown_logged:
@@ -339,9 +356,10 @@ class Worker:
             log("worker_step_failed", batch, level=logging.WARNING, error=str(again))
 
 
-def log_event(event: str, worker_id: str, **fields: object) -> None:
+def log_event(event: str, worker_id: str, *, level: int = logging.INFO, **fields: object) -> None:
     figures = " ".join(f"{k}={v}" for k, v in fields.items())
-    logger.info(
+    logger.log(
+        level,
         "batchinfer.%s worker %s %s",
         event,
         worker_id,

@@ -19,6 +19,7 @@ from batchinfer import (
     CompletionStatus,
     InvalidBatchError,
     OpenAIProvider,
+    SchemaNotReadyError,
 )
 from batchinfer.testing import Emulator, FakeClock
 from tests.helpers import chat_requests, eventually
@@ -584,3 +585,14 @@ async def test_a_worker_rides_through_its_connections_being_killed(
                 run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
     assert [b.id for b in handled] == [batch.id]
+
+
+async def test_a_worker_on_a_database_without_the_tables_says_to_migrate(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(engine, providers=[provider], schema=schema) as bi:
+        with pytest.raises(SchemaNotReadyError, match=r"migrate\(\)"):
+            await bi.worker(idle_seconds=0.05).run()
+        with pytest.raises(SchemaNotReadyError, match=r"migrate\(\)"):
+            await bi.worker().run_once()

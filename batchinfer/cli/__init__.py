@@ -1,8 +1,8 @@
 """The ``batchinfer`` command. Environment variables are read here, never in the library.
 
 ``run`` lives in :mod:`batchinfer.cli.run`, the commands on stored batches in
-:mod:`batchinfer.cli.inspect`; this module wires them and the demo, emulator and migrate
-commands into one parser.
+:mod:`batchinfer.cli.inspect`, ``worker`` in :mod:`batchinfer.cli.worker`; this module wires
+them and the demo, emulator and migrate commands into one parser.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from batchinfer.cli import inspect, run
+from batchinfer.cli import inspect, run, worker
 from batchinfer.cli.common import DATABASE_ENV, CliError
 from batchinfer.errors import BatchInferError
 
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run.add_parser(commands)
     inspect.add_parsers(commands)
+    worker.add_parser(commands)
     return parser
 
 
