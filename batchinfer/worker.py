@@ -91,13 +91,19 @@ class Worker:
         self.status = status
         self.results = results
         self.handlers = handlers
-        self.dispatcher = Dispatcher(store, handlers, attempts=options.handler_attempts)
         self.listener = listener
         self.options = options
         self.clock = clock
         self._is_closed = is_closed
         #: Unique among every worker sharing the database; claims carry it.
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.dispatcher = Dispatcher(
+            store,
+            handlers,
+            attempts=options.handler_attempts,
+            claimed_by=self.id,
+            claim_seconds=options.lease_seconds,
+        )
         self._leases = Leases(store.claims, owner=self.id, seconds=options.lease_seconds)
         self._unknown_logged: set[uuid.UUID] = set()
 

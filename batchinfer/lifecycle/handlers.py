@@ -87,12 +87,22 @@ def retry_delay(attempt: int) -> float:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, handlers: Handlers, *, attempts: int = 5) -> None:
+    def __init__(
+        self,
+        store: Store,
+        handlers: Handlers,
+        *,
+        attempts: int = 5,
+        claimed_by: str | None = None,
+        claim_seconds: float = 30.0,
+    ) -> None:
         if attempts < 1:
             raise ValueError("handler_attempts must be at least 1")
         self.store = store
         self.handlers = handlers
         self.attempts = attempts
+        self.claimed_by = claimed_by
+        self.claim_seconds = claim_seconds
 
     async def dispatch(self, batch: Batch, *, now: datetime | None = None) -> Batch:
         """Run what has not yet returned; record success, or the error and when to retry."""
@@ -112,13 +122,16 @@ class Dispatcher:
         return batch
 
     async def _run(self, batch: Batch, handler: Registered) -> None:
+        record = self.store.handlers.dispatch(
+            batch.id, handler.key, claimed_by=self.claimed_by, claim_seconds=self.claim_seconds
+        )
         if handler.transactional:
-            async with self.store.handlers.dispatch(batch.id, handler.key) as conn:
+            async with record as conn:
                 if conn is not None:
                     await handler.fn(batch, conn)
             return
         await handler.fn(batch)
-        async with self.store.handlers.dispatch(batch.id, handler.key):
+        async with record:
             pass
 
     async def _failed(

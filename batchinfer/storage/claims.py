@@ -24,7 +24,7 @@ from batchinfer.storage.tables import batches, workers
 _FREE = sa.or_(batches.c.claimed_until.is_(None), batches.c.claimed_until < sa.func.now())
 
 
-def _lease(seconds: float) -> sa.ColumnElement[datetime]:
+def lease(seconds: float) -> sa.ColumnElement[datetime]:
     return sa.func.now() + timedelta(seconds=seconds)
 
 
@@ -48,7 +48,7 @@ class Claims:
                         UNSUBMITTED,
                         sa.or_(_FREE, batches.c.claimed_by == owner),
                     )
-                    .values(claimed_by=owner, claimed_until=_lease(seconds))
+                    .values(claimed_by=owner, claimed_until=lease(seconds))
                     .returning(batches.c.id)
                 )
             ).first()
@@ -105,7 +105,7 @@ class Claims:
                 await conn.execute(
                     batches.update()
                     .where(b.id == cte.c.id)
-                    .values(claimed_by=owner, claimed_until=_lease(seconds))
+                    .values(claimed_by=owner, claimed_until=lease(seconds))
                     .returning(batches)
                 )
             ).all()
@@ -114,17 +114,24 @@ class Claims:
     async def renew(
         self, ids: Collection[uuid.UUID], *, owner: str, seconds: float
     ) -> set[uuid.UUID]:
-        """Extend the claims ``owner`` still holds among ``ids``; returns those it holds."""
+        """Extend the claims ``owner`` still holds among ``ids``; returns those it holds.
+
+        A row locked meanwhile (by the owner's own handler transaction, which can run for
+        long) is skipped rather than waited for: nobody else can claim a locked row, and the
+        lock holder extends the claim when it commits. Waiting would stall every renewal of
+        the owner and let its other claims lapse while it still works on them.
+        """
         if not ids:
             return set()
+        b = batches.c
+        mine = sa.and_(b.id.in_(list(ids)), b.claimed_by == owner)
+        free = sa.select(b.id).where(mine).with_for_update(skip_locked=True).cte("free")
         async with self.db.tx("renewing claims") as conn:
-            rows = await conn.execute(
-                batches.update()
-                .where(batches.c.id.in_(list(ids)), batches.c.claimed_by == owner)
-                .values(claimed_until=_lease(seconds))
-                .returning(batches.c.id)
+            await conn.execute(
+                batches.update().where(b.id == free.c.id).values(claimed_until=lease(seconds))
             )
-            return {r[0] for r in rows}
+            # Committed state, read without waiting on locks: still ours unless taken over.
+            return set((await conn.execute(sa.select(b.id).where(mine))).scalars())
 
     async def release(self, ids: Collection[uuid.UUID], *, owner: str) -> None:
         if not ids:
@@ -158,7 +165,7 @@ class Claims:
     async def heartbeat(self, worker_id: str, *, hostname: str, pid: int, seconds: float) -> None:
         """Say this worker is alive for ``seconds`` more."""
         stmt = insert(workers).values(
-            id=worker_id, hostname=hostname, pid=pid, alive_until=_lease(seconds)
+            id=worker_id, hostname=hostname, pid=pid, alive_until=lease(seconds)
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=[workers.c.id], set_={"alive_until": stmt.excluded.alive_until}

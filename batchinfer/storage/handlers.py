@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from batchinfer.domain import Batch
 from batchinfer.errors import BatchNotFoundError
 from batchinfer.storage.batches import after, at
+from batchinfer.storage.claims import lease
 from batchinfer.storage.database import Database, wrap_db_errors
 from batchinfer.storage.rows import batch_from_row
 from batchinfer.storage.tables import batches
@@ -29,10 +30,18 @@ class HandlerStore:
 
     @asynccontextmanager
     async def dispatch(
-        self, batch_id: uuid.UUID, key: str
+        self,
+        batch_id: uuid.UUID,
+        key: str,
+        *,
+        claimed_by: str | None = None,
+        claim_seconds: float = 30.0,
     ) -> AsyncIterator[AsyncConnection | None]:
         """A transaction in which handler ``key`` runs; it is recorded as done when the block
-        ends without an error. Yields None, running nothing, if it is already done."""
+        ends without an error. Yields None, running nothing, if it is already done.
+
+        The row stays locked meanwhile, so its holder's claim cannot be renewed; the record
+        renews it (for ``claim_seconds``) when ``claimed_by`` still holds it."""
         with wrap_db_errors(f"recording handler {key!r} of batch {batch_id}"):
             async with self.db.raw_engine.begin() as conn:
                 done = (
@@ -55,6 +64,10 @@ class HandlerStore:
                     .values(
                         handlers_done=sa.func.array_append(batches.c.handlers_done, key),
                         updated_at=sa.func.now(),
+                        claimed_until=sa.case(
+                            (batches.c.claimed_by == claimed_by, lease(claim_seconds)),
+                            else_=batches.c.claimed_until,
+                        ),
                     ),
                     execution_options=self.db.translate,
                 )
