@@ -271,7 +271,7 @@ class Worker:
 
     async def _drive_claimed(self, batch: Batch) -> None:
         try:
-            await self.drive(batch)
+            await self._drive(batch)
         except asyncio.CancelledError:
             raise
         except BatchInferError as exc:
@@ -283,7 +283,7 @@ class Worker:
         finally:
             await asyncio.shield(self._leases.release({batch.id}))
 
-    async def drive(self, batch: Batch) -> Batch:
+    async def _drive(self, batch: Batch) -> Batch:
         """The next steps of one claimed batch, as far as they go now."""
         now = self._now()
         if batch.results_applied_at is None:
