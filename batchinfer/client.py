@@ -75,6 +75,8 @@ class BatchInfer:
         apply_chunk_size: int = 1_000,
         apply_writers: int = 2,
         claim_seconds: float = 30.0,
+        delete_input_files: bool = True,
+        delete_result_files: bool = False,
     ) -> None:
         if apply_writers < 1 or apply_chunk_size < 1:
             raise ValueError("apply_writers and apply_chunk_size must be at least 1")
@@ -119,6 +121,8 @@ class BatchInfer:
             pricing,
             chunk_size=apply_chunk_size,
             writers=apply_writers,
+            delete_input_files=delete_input_files,
+            delete_result_files=delete_result_files,
         )
         self._live = LiveCaller(self._store, self._providers, pricing)
         self._handlers = Handlers()

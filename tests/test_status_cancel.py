@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchinfer import (
     Batch,
@@ -10,6 +11,7 @@ from batchinfer import (
     BatchStatus,
     CompletionStatus,
     InvalidBatchError,
+    OpenAIProvider,
     ProviderRejectedError,
     RequestCounts,
 )
@@ -185,14 +187,28 @@ async def test_status_5xx_is_retried(bi: BatchInfer, emulator: Emulator) -> None
     assert (await bi.get_batch(batch)).status is BatchStatus.IN_PROGRESS
 
 
-async def test_status_404_raises_rejected_and_changes_nothing(
+async def test_a_404_for_a_batch_just_created_is_retried(
     bi: BatchInfer, emulator: Emulator
 ) -> None:
     batch, pbid = await submitted(bi)
     await emulator.advance(pbid)
+    # The provider's eventual consistency: the batch it just created is not visible yet.
+    emulator.fail_http("GET", f"/batches/{pbid}", 404, times=2)
+    assert await bi.fetch_batch_status(batch) is BatchStatus.VALIDATING
+    assert calls(emulator, "GET", f"/v1/batches/{pbid}") == 3
+
+
+async def test_status_404_raises_rejected_and_changes_nothing(
+    bi: BatchInfer, engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    batch, pbid = await submitted(bi)
+    await emulator.advance(pbid)
     emulator.fail_http("GET", f"/batches/{pbid}", 404, times=1)
-    with pytest.raises(ProviderRejectedError) as info:
-        await bi.fetch_batch_status(batch)
+    # Another process, which did not create the batch a moment ago: a 404 is an answer.
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(engine, providers=[provider], schema=schema) as other:
+        with pytest.raises(ProviderRejectedError) as info:
+            await other.fetch_batch_status(batch)
     assert info.value.status == 404
     assert pbid in str(info.value)
     assert calls(emulator, "GET", f"/v1/batches/{pbid}") == 1

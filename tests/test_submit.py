@@ -290,7 +290,9 @@ async def test_wrong_api_key_raises_authentication_error_and_records_nothing(
     assert info.value.status == 401
     assert "API key" in str(info.value)
     assert_no_secret(info.value, provider)
-    assert calls(emulator, "POST", "/v1/files") == 1  # not retried
+    # The first call (looking for an earlier upload) failed, and was not retried.
+    assert calls(emulator, "GET", "/v1/files") == 1
+    assert calls(emulator, "POST", "/v1/files") == 0
     assert emulator.files == {}
     assert emulator.batches == {}
     await assert_still_pending(bi, batch)
@@ -350,32 +352,42 @@ async def test_create_429_with_retry_after_is_retried(bi: BatchInfer, emulator: 
     assert list(emulator.batches) == [batch.provider_batch_id]
 
 
-async def test_create_500_is_not_retried_and_a_resubmit_reuses_the_upload(
+async def test_a_create_that_fails_is_retried_after_looking_for_what_it_may_have_made(
     bi: BatchInfer, emulator: Emulator
 ) -> None:
     emulator.fail_http("POST", "/batches", 500, times=1)
     batch = await new_batch(bi)
-    with pytest.raises(ProviderUnavailableError, match="creating the batch failed with HTTP 500"):
-        await bi.submit_batch(batch)
-    assert calls(emulator, "POST", "/v1/batches") == 1
-    assert calls(emulator, "POST", "/v1/files") == 1
-    after_failure = await bi.get_batch(batch)
-    assert after_failure.status is BatchStatus.PENDING
-    assert after_failure.provider_batch_id is None
-    assert after_failure.input_file_id is not None
-    assert after_failure.input_file_id in emulator.files
-
     submitted = await bi.submit_batch(batch)
     assert submitted.status is BatchStatus.VALIDATING
     assert calls(emulator, "POST", "/v1/files") == 1
     assert calls(emulator, "POST", "/v1/batches") == 2
     # Before creating again it looked for a batch the first attempt might have made.
     assert calls(emulator, "GET", "/v1/batches") == 1
-    assert submitted.input_file_id == after_failure.input_file_id
     assert submitted.provider_batch_id is not None
     assert emulator.batches[submitted.provider_batch_id]["input_file_id"] == (
-        after_failure.input_file_id
+        submitted.input_file_id
     )
+
+
+async def test_a_create_that_keeps_failing_leaves_the_upload_for_the_next_submit(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    emulator.fail_http("POST", "/batches", 500, times=3)  # every attempt (3 in tests)
+    batch = await new_batch(bi)
+    with pytest.raises(ProviderUnavailableError, match="creating the batch failed with HTTP 500"):
+        await bi.submit_batch(batch)
+    assert calls(emulator, "POST", "/v1/batches") == 3
+    assert calls(emulator, "POST", "/v1/files") == 1
+    after_failure = await bi.get_batch(batch)
+    assert after_failure.status is BatchStatus.PENDING
+    assert after_failure.provider_batch_id is None
+    assert after_failure.input_file_id in emulator.files
+
+    submitted = await bi.submit_batch(batch)
+    assert submitted.status is BatchStatus.VALIDATING
+    assert calls(emulator, "POST", "/v1/files") == 1
+    assert calls(emulator, "POST", "/v1/batches") == 4
+    assert submitted.input_file_id == after_failure.input_file_id
 
 
 async def test_create_400_raises_rejected_with_the_providers_message(
@@ -408,7 +420,7 @@ async def test_create_400_raises_rejected_with_the_providers_message(
     [
         pytest.param(lambda e: e.fail_http("POST", "/files", 500, times=10), id="upload-500"),
         pytest.param(lambda e: e.drop_connection("POST", "/files", times=10), id="upload-dropped"),
-        pytest.param(lambda e: e.fail_http("POST", "/batches", 500), id="create-500"),
+        pytest.param(lambda e: e.fail_http("POST", "/batches", 500, times=10), id="create-500"),
         pytest.param(lambda e: e.fail_http("POST", "/batches", 400), id="create-400"),
         pytest.param(lambda e: e.fail_http("POST", "/batches", 429, times=10), id="create-429"),
         pytest.param(lambda e: e.fail_http("POST", "/files", 403), id="upload-403"),
@@ -430,8 +442,8 @@ async def test_no_error_contains_the_api_key(
 async def test_resubmit_reattaches_to_a_batch_created_by_a_lost_attempt(
     bi: BatchInfer, emulator: Emulator
 ) -> None:
-    # First attempt: uploaded, then the create answer never arrived.
-    emulator.fail_http("POST", "/batches", 500, times=1)
+    # First submit: uploaded, then no create answer ever arrived (3 attempts in tests).
+    emulator.fail_http("POST", "/batches", 500, times=3)
     batch = await new_batch(bi)
     with pytest.raises(ProviderUnavailableError):
         await bi.submit_batch(batch)
@@ -462,6 +474,6 @@ async def test_resubmit_reattaches_to_a_batch_created_by_a_lost_attempt(
     submitted = await bi.submit_batch(batch)
     assert submitted.provider_batch_id == ours
     assert submitted.status is BatchStatus.VALIDATING
-    assert calls(emulator, "POST", "/v1/batches") == 3  # the failed one and the two above
+    assert calls(emulator, "POST", "/v1/batches") == 5  # the 3 failed ones and the 2 above
     assert calls(emulator, "POST", "/v1/files") == 1
     assert {c.status async for c in bi.completions(batch)} == {CompletionStatus.SUBMITTED}

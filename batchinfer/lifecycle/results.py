@@ -21,6 +21,7 @@ from batchinfer.domain import (
     ResultOutcome,
 )
 from batchinfer.errors import (
+    BatchInferError,
     DataRejectedError,
     InvalidBatchError,
     JsonlError,
@@ -57,12 +58,16 @@ class ResultsPass:
         *,
         chunk_size: int = 1_000,
         writers: int = 2,
+        delete_input_files: bool = True,
+        delete_result_files: bool = False,
     ) -> None:
         self.store = store
         self.providers = providers
         self.pricing = pricing
         self.chunk_size = chunk_size
         self.writers = writers
+        self.delete_input_files = delete_input_files
+        self.delete_result_files = delete_result_files
 
     async def run(
         self, batch_id: uuid.UUID, *, force: bool = False
@@ -131,7 +136,31 @@ class ResultsPass:
         batch, swept = finished
         report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
         log("results_applied", batch, status=batch.status.value, **dataclasses.asdict(report))
+        await self._delete_files(batch)
         return batch, report
+
+    async def _delete_files(self, batch: Batch) -> None:
+        """The provider keeps files (and bills their storage) until deleted; once the results
+        are in our rows, ours are not needed there. Best effort: a failure is only logged."""
+        doomed = [batch.input_file_id] if self.delete_input_files else []
+        if self.delete_result_files:
+            doomed += [batch.output_file_id, batch.error_file_id]
+        adapter = self.providers.get(batch.provider)
+        for file_id in doomed:
+            if file_id is None:
+                continue
+            try:
+                await adapter.delete_file(file_id)
+            except BatchInferError as exc:
+                log(
+                    "file_delete_failed",
+                    batch,
+                    level=logging.WARNING,
+                    file_id=file_id,
+                    error=str(exc),
+                )
+            else:
+                log("file_deleted", batch, level=logging.DEBUG, file_id=file_id)
 
     async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
         """Stream one file: parse in this task, write chunks from ``writers`` tasks."""

@@ -92,7 +92,14 @@ class Submitter:
         scheduled by."""
         tag = {"batchinfer_batch_id": str(batch.id)}
         file_id = batch.input_file_id
+        filename = f"batchinfer-{batch.id}.jsonl"
         pb = None
+        if file_id is None:
+            # A submit that died after uploading, before recording it, left the file there.
+            file_id = await adapter.find_input_file(filename)
+            if file_id is not None:
+                await self.store.batches.record_input_file(batch.id, file_id)
+                log("input_file_adopted", batch, input_file_id=file_id)
         if file_id is None:
             source_errors: list[Exception] = []
 
@@ -105,9 +112,7 @@ class Submitter:
                     raise
 
             try:
-                file_id = await adapter.upload_input(
-                    stream, filename=f"batchinfer-{batch.id}.jsonl"
-                )
+                file_id = await adapter.upload_input(stream, filename=filename)
             except ProviderError:
                 # The body stopped because reading it failed: that is the error to report.
                 if source_errors:

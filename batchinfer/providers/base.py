@@ -37,13 +37,23 @@ class Provider(Protocol):
         ...
 
     async def upload_input(self, stream: InputStream, *, filename: str) -> str:
-        """Upload the input file; return its id."""
+        """Upload the input file; return its id. Retried safely: an upload whose answer was
+        lost is adopted, not stored twice."""
+        ...
+
+    async def find_input_file(self, filename: str) -> str | None:
+        """The id of an input file uploaded earlier under ``filename`` (unique per batch)."""
+        ...
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a file at the provider; one already gone is not an error."""
         ...
 
     async def create_batch(
         self, *, input_file_id: str, endpoint: str, metadata: dict[str, str]
     ) -> ProviderBatch:
-        """Start a batch over an uploaded input file. Not retried: it is not idempotent."""
+        """Start a batch over an uploaded input file, tagged with ``metadata``. Before a retry
+        the provider is searched for a batch so tagged: a create is never repeated."""
         ...
 
     async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch: ...

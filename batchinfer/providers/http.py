@@ -87,7 +87,15 @@ def error_from_response(
         message = body[:200].decode("utf-8", "replace").strip() or "no message"
     request_id = headers.get("x-request-id")
     text = f"{what} failed with HTTP {status}: {message}"
+    if request_id:
+        text += f" (request id {request_id})"
     kwargs: dict[str, Any] = {"status": status, "code": code, "request_id": request_id}
+    # A quota that is used up answers 429 too, but waiting will not refill it; the server may
+    # also say outright that a retry is pointless.
+    if code == "insufficient_quota" or headers.get("x-should-retry") == "false":
+        if status in (401, 403):
+            return AuthenticationError(text + " (check the API key and its access)", **kwargs)
+        return ProviderRejectedError(text, **kwargs)
     if status == 429:
         return RateLimitedError(text, retry_after=_retry_after(headers), **kwargs)
     if status in (401, 403):

@@ -7,13 +7,15 @@ a response body, whether it came from a batch output line or a live call.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import orjson
+import stamina
 
 from batchinfer.domain import (
     BatchLimits,
@@ -27,7 +29,7 @@ from batchinfer.domain import (
     ResultOutcome,
     Usage,
 )
-from batchinfer.errors import PermanentProviderError, RateLimitedError
+from batchinfer.errors import PermanentProviderError, ProviderRejectedError
 from batchinfer.jsonl import encode_request_line
 from batchinfer.providers.base import InputStream
 from batchinfer.providers.http import HttpClient, retry_hook
@@ -53,10 +55,14 @@ BATCH_ENDPOINTS = frozenset(
 _FAILURE_TEXT_LIMIT = 255
 
 
-def _create_retry_hook(exc: Exception) -> bool | float:
-    # Creating a batch is not idempotent: a timeout may hide a batch that was created. Only a 429,
-    # which says nothing was done, is safe to send again.
-    return retry_hook(exc) if isinstance(exc, RateLimitedError) else False
+#: How long after this process created an object a 404 for it is taken for the provider's
+#: eventual consistency, and retried.
+_FRESH_SECONDS = 60.0
+_FRESH_KEPT = 10_000
+
+
+def _no_retry(exc: Exception) -> bool:
+    return False
 
 
 class OpenAIProvider:
@@ -94,6 +100,7 @@ class OpenAIProvider:
         self._name = name
         self._discount = Decimal(str(batch_discount))
         self._limits = limits or BatchLimits(endpoints=BATCH_ENDPOINTS)
+        self._created: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(name={self._name!r}, base_url={self._http.base_url!r})"
@@ -117,6 +124,9 @@ class OpenAIProvider:
         return encode_request_line(custom_id, endpoint, body_json)
 
     async def upload_input(self, stream: InputStream, *, filename: str) -> str:
+        """Upload the input file; a retry first adopts a file an earlier attempt stored (its
+        answer lost), rather than leaving that one stranded and storing a second."""
+
         def multipart() -> aiohttp.MultipartWriter:
             writer = aiohttp.MultipartWriter("form-data")
             purpose = writer.append("batch")
@@ -127,34 +137,104 @@ class OpenAIProvider:
             file_part.set_content_disposition("form-data", name="file", filename=filename)
             return writer
 
-        body = await self._http.request_json(
-            "POST", "/files", data=multipart, what="uploading the batch input file"
+        async for attempt in self._retries(retry_hook):
+            with attempt:
+                if attempt.num > 1:
+                    found = await self.find_input_file(filename)
+                    if found is not None:
+                        logger.info(
+                            "batchinfer.input_file_adopted %s: an earlier upload arrived",
+                            found,
+                            extra={"batchinfer.event": "input_file_adopted", "file_id": found},
+                        )
+                        return found
+                body = await self._http.request_json(
+                    "POST",
+                    "/files",
+                    data=multipart,
+                    what="uploading the batch input file",
+                    retry_on=_no_retry,
+                )
+                file_id = body.get("id")
+                if not isinstance(file_id, str):
+                    raise PermanentProviderError("the file upload answer has no file id")
+                self._remember(file_id)
+                return file_id
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def find_input_file(self, filename: str) -> str | None:
+        """The newest uploaded batch input file named ``filename``, if any."""
+        page = await self._http.request_json(
+            "GET", "/files?purpose=batch&limit=100&order=desc", what="listing files"
         )
-        file_id = body.get("id")
-        if not isinstance(file_id, str):
-            raise PermanentProviderError("the file upload answer has no file id")
-        return file_id
+        for obj in page.get("data") or []:
+            if (
+                isinstance(obj, dict)
+                and obj.get("filename") == filename
+                and isinstance(obj.get("id"), str)
+                and obj.get("status") not in ("error", "deleted")
+            ):
+                file_id: str = obj["id"]
+                return file_id
+        return None
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a file; one already gone is fine."""
+        try:
+            await self._http.request_json(
+                "DELETE", f"/files/{file_id}", what=f"deleting file {file_id}"
+            )
+        except ProviderRejectedError as exc:
+            if exc.status != 404:
+                raise
 
     async def create_batch(
         self, *, input_file_id: str, endpoint: str, metadata: dict[str, str]
     ) -> ProviderBatch:
-        body = await self._http.request_json(
-            "POST",
-            "/batches",
-            json={
-                "input_file_id": input_file_id,
-                "endpoint": endpoint,
-                "completion_window": "24h",
-                "metadata": metadata,
-            },
-            what="creating the batch",
-            retry_on=_create_retry_hook,
-        )
-        return self._batch(body)
+        """Start the batch. Creating is not idempotent: a timeout or a dropped connection may
+        hide a batch that was created, so before each retry the provider is searched for one
+        carrying ``metadata`` (our id), and that one is adopted instead of paying twice."""
+        fresh_file = self._is_fresh(input_file_id)
+
+        def retry_on(exc: Exception) -> bool | float:
+            if fresh_file and isinstance(exc, ProviderRejectedError) and exc.status == 404:
+                return True  # the file we just uploaded is not visible everywhere yet
+            return retry_hook(exc)
+
+        async for attempt in self._retries(retry_on):
+            with attempt:
+                if attempt.num > 1:
+                    found = await self.find_batch(metadata=metadata, max_batches=100)
+                    if found is not None:
+                        logger.info(
+                            "batchinfer.batch_adopted %s: an earlier create went through",
+                            found.id,
+                            extra={"batchinfer.event": "batch_adopted", "id": found.id},
+                        )
+                        return found
+                body = await self._http.request_json(
+                    "POST",
+                    "/batches",
+                    json={
+                        "input_file_id": input_file_id,
+                        "endpoint": endpoint,
+                        "completion_window": "24h",
+                        "metadata": metadata,
+                    },
+                    what="creating the batch",
+                    retry_on=_no_retry,
+                )
+                pb = self._batch(body)
+                self._remember(pb.id)
+                return pb
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
     async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch:
         body = await self._http.request_json(
-            "GET", f"/batches/{provider_batch_id}", what=f"reading batch {provider_batch_id}"
+            "GET",
+            f"/batches/{provider_batch_id}",
+            what=f"reading batch {provider_batch_id}",
+            retry_on=self._fresh_404_hook(provider_batch_id),
         )
         return self._batch(body)
 
@@ -178,6 +258,30 @@ class OpenAIProvider:
                 return None
             after = data[-1].get("id")
         return None
+
+    def _retries(self, on: Callable[[Exception], bool | float]) -> Any:
+        return stamina.retry_context(
+            on=on, attempts=self._http.attempts, timeout=self._http.retry_timeout
+        )
+
+    def _remember(self, object_id: str) -> None:
+        if len(self._created) >= _FRESH_KEPT:
+            self._created.clear()  # only the last minute matters
+        self._created[object_id] = time.monotonic()
+
+    def _is_fresh(self, object_id: str) -> bool:
+        created = self._created.get(object_id)
+        return created is not None and time.monotonic() - created < _FRESH_SECONDS
+
+    def _fresh_404_hook(self, object_id: str) -> Callable[[Exception], bool | float]:
+        fresh = self._is_fresh(object_id)
+
+        def hook(exc: Exception) -> bool | float:
+            if fresh and isinstance(exc, ProviderRejectedError) and exc.status == 404:
+                return True
+            return retry_hook(exc)
+
+        return hook
 
     async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch:
         body = await self._http.request_json(

@@ -1,0 +1,137 @@
+"""The SDKs' retry policy, safe retries of calls that are not idempotent, and provider files
+deleted once their results are in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchinfer import (
+    Batch,
+    BatchInfer,
+    BatchStatus,
+    OpenAIProvider,
+    ProviderRejectedError,
+    RateLimitedError,
+)
+from batchinfer.testing import Emulator
+from tests.helpers import chat_requests
+
+CHAT = "/v1/chat/completions"
+
+
+def calls(emulator: Emulator, method: str, path: str) -> int:
+    return sum(1 for m, p in emulator.requests if m == method and p == path)
+
+
+async def done_batch(bi: BatchInfer, emulator: Emulator, *, fail: str | None = None) -> Batch:
+    if fail is not None:
+        emulator.fail_request(fail)
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(3)
+    )
+    batch = await bi.submit_batch(batch)
+    await emulator.finish(batch.provider_batch_id or "")
+    return await bi.wait(batch)
+
+
+async def test_an_exhausted_quota_is_not_retried(bi: BatchInfer, emulator: Emulator) -> None:
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(1)
+    )
+    emulator.fail_http(
+        "POST",
+        "/files",
+        429,
+        times=5,
+        body={"error": {"message": "You exceeded your quota.", "code": "insufficient_quota"}},
+        headers={"x-request-id": "req_quota_1"},
+    )
+    with pytest.raises(ProviderRejectedError, match="exceeded your quota") as info:
+        await bi.submit_batch(batch)
+    assert not isinstance(info.value, RateLimitedError)
+    assert info.value.request_id == "req_quota_1"
+    assert "req_quota_1" in str(info.value)  # to quote to the provider's support
+    assert calls(emulator, "POST", "/v1/files") == 1
+
+
+async def test_the_server_saying_not_to_retry_is_heeded(bi: BatchInfer, emulator: Emulator) -> None:
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(1)
+    )
+    emulator.fail_http("POST", "/files", 503, times=5, headers={"x-should-retry": "false"})
+    with pytest.raises(ProviderRejectedError, match="HTTP 503"):
+        await bi.submit_batch(batch)
+    assert calls(emulator, "POST", "/v1/files") == 1
+
+
+async def test_a_failed_upload_is_retried(bi: BatchInfer, emulator: Emulator) -> None:
+    emulator.fail_http("POST", "/files", 502, times=1, headers={"retry-after-ms": "10"})
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(2)
+    )
+    submitted = await bi.submit_batch(batch)
+    assert submitted.status is BatchStatus.VALIDATING
+    assert calls(emulator, "POST", "/v1/files") == 2
+    # Before uploading again it looked for a file the failed attempt might have stored.
+    assert calls(emulator, "GET", "/v1/files") == 2  # once before the first upload too
+
+
+async def test_an_upload_stored_by_a_submit_that_died_is_adopted(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(2)
+    )
+    # What a submit killed between uploading and recording the file leaves at the provider.
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    try:
+
+        async def body() -> AsyncIterator[bytes]:
+            for line in (b'{"custom_id": "x"}\n',):
+                yield line
+
+        stranded = await provider.upload_input(body, filename=f"batchinfer-{batch.id}.jsonl")
+    finally:
+        await provider.aclose()
+    submitted = await bi.submit_batch(batch)
+    assert submitted.input_file_id == stranded
+    assert calls(emulator, "POST", "/v1/files") == 1  # not uploaded a second time
+
+
+async def test_input_files_are_deleted_once_results_are_applied(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    done = await done_batch(bi, emulator, fail="q1")
+    assert done.input_file_id not in emulator.files
+    assert done.output_file_id in emulator.files  # kept unless asked
+    assert done.error_file_id in emulator.files
+
+
+async def test_files_are_kept_or_all_deleted_as_asked(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(
+        engine, providers=[provider], schema=schema, delete_input_files=False, poll_interval=0
+    ) as keep:
+        await keep.migrate()
+        kept = await done_batch(keep, emulator)
+        assert kept.input_file_id in emulator.files
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(
+        engine, providers=[provider], schema=schema, delete_result_files=True, poll_interval=0
+    ) as tidy:
+        gone = await done_batch(tidy, emulator, fail="q0")
+        for file_id in (gone.input_file_id, gone.output_file_id, gone.error_file_id):
+            assert file_id is not None
+            assert file_id not in emulator.files
+
+
+async def test_a_failed_delete_costs_nothing(bi: BatchInfer, emulator: Emulator) -> None:
+    emulator.fail_http("DELETE", "/files", 500, times=10)
+    done = await done_batch(bi, emulator)
+    assert done.results_applied_at is not None
+    assert done.input_file_id in emulator.files
