@@ -117,8 +117,11 @@ class HttpClient:
         timeout: aiohttp.ClientTimeout | None = None,
         attempts: int = 5,
         retry_timeout: float = 120.0,
+        verify_tls: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: Passed to every request, so it holds for a borrowed session too.
+        self.ssl = verify_tls
         self._headers = dict(headers)
         self._session = session
         self._owns_session = session is None
@@ -185,7 +188,7 @@ class HttpClient:
             headers["Content-Type"] = "application/json"
         try:
             async with self._session_or_new().request(
-                method, self.url(path), data=body, headers=headers
+                method, self.url(path), data=body, headers=headers, ssl=self.ssl
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:

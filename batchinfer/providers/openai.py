@@ -84,6 +84,7 @@ class OpenAIProvider:
         name: str = "openai",
         limits: BatchLimits | None = None,
         attempts: int = 5,
+        verify_tls: bool = True,
     ) -> None:
         if not isinstance(api_key, str) or not api_key.strip():
             raise ValueError("OpenAIProvider needs an api_key (for example from OPENAI_API_KEY)")
@@ -96,7 +97,13 @@ class OpenAIProvider:
             headers["OpenAI-Organization"] = organization
         if project:
             headers["OpenAI-Project"] = project
-        self._http = HttpClient(base_url, headers, session=session, attempts=attempts)
+        if not verify_tls:
+            logger.warning(
+                "batchinfer.tls_unverified: certificates of %s are not checked", base_url
+            )
+        self._http = HttpClient(
+            base_url, headers, session=session, attempts=attempts, verify_tls=verify_tls
+        )
         self._name = name
         self._discount = Decimal(str(batch_discount))
         self._limits = limits or BatchLimits(endpoints=BATCH_ENDPOINTS)
