@@ -135,3 +135,19 @@ async def test_a_failed_delete_costs_nothing(bi: BatchInfer, emulator: Emulator)
     done = await done_batch(bi, emulator)
     assert done.results_applied_at is not None
     assert done.input_file_id in emulator.files
+
+
+async def test_a_base_url_without_v1_names_the_url_called(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    root = emulator.base_url.removesuffix("/v1")
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=root)
+    async with BatchInfer(engine, providers=[provider], schema=schema) as bi:
+        await bi.migrate()
+        batch = await bi.create_batch(
+            provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(1)
+        )
+        with pytest.raises(ProviderRejectedError, match="base_url") as info:
+            await bi.submit_batch(batch)
+    assert f"{root}/files" in str(info.value)
+    assert info.value.status == 404

@@ -194,7 +194,7 @@ async def test_a_404_for_a_batch_just_created_is_retried(
     await emulator.advance(pbid)
     # The provider's eventual consistency: the batch it just created is not visible yet.
     emulator.fail_http("GET", f"/batches/{pbid}", 404, times=2)
-    assert await bi.fetch_batch_status(batch) is BatchStatus.VALIDATING
+    assert await bi.fetch_batch_status(batch) is BatchStatus.IN_PROGRESS
     assert calls(emulator, "GET", f"/v1/batches/{pbid}") == 3
 
 

@@ -72,7 +72,7 @@ def _finite(text: str) -> float | None:
 
 
 def error_from_response(
-    status: int, body: bytes, headers: Mapping[str, str], *, what: str
+    status: int, body: bytes, headers: Mapping[str, str], *, what: str, url: str | None = None
 ) -> ProviderError:
     """Turn an HTTP error answer into the matching batchinfer error."""
     message, code = None, None
@@ -89,6 +89,11 @@ def error_from_response(
     text = f"{what} failed with HTTP {status}: {message}"
     if request_id:
         text += f" (request id {request_id})"
+    if status == 404 and url is not None:
+        text += f"; the URL called was {url}"
+        if "/v1/" not in url:
+            # Most often a base_url without its /v1.
+            text += " (check the provider's base_url: OpenAI's ends in /v1)"
     kwargs: dict[str, Any] = {"status": status, "code": code, "request_id": request_id}
     # A quota that is used up answers 429 too, but waiting will not refill it; the server may
     # also say outright that a retry is pointless.
@@ -192,7 +197,9 @@ class HttpClient:
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise error_from_response(resp.status, raw, resp.headers, what=what)
+                    raise error_from_response(
+                        resp.status, raw, resp.headers, what=what, url=str(resp.url)
+                    )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
         try:
