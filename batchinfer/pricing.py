@@ -103,7 +103,13 @@ class Pricing:
                 return self.costs(provider, model, usage, discount=discount)
             except Exception:
                 # A price table problem must not cost the result; the row just has no cost.
-                logger.warning("batchinfer.pricing_failed", exc_info=True)
+                logger.warning(
+                    "batchinfer.pricing_failed %s %s: no cost recorded",
+                    provider,
+                    model,
+                    exc_info=True,
+                    extra={"batchinfer.event": "pricing_failed", "batchinfer.model": model},
+                )
                 return None
 
         return price
@@ -135,8 +141,14 @@ def _lookup(provider: str, model: str) -> Price | Any | None:
         calc = genai_prices.calc_price(genai_prices.Usage(), model, provider_id=provider)
     except LookupError:
         logger.warning(
-            "batchinfer.price_unknown",
-            extra={"batchinfer.provider": provider, "batchinfer.model": model},
+            "batchinfer.price_unknown %s %s: its results get no cost (pass prices= to set one)",
+            provider,
+            model,
+            extra={
+                "batchinfer.event": "price_unknown",
+                "batchinfer.provider": provider,
+                "batchinfer.model": model,
+            },
         )
         return None
     mp = calc.model_price

@@ -533,6 +533,13 @@ def _parse_paid(endpoint: str, body: dict[str, Any]) -> ParsedResponse:
     # failure that a later, fixed version could not re-apply.
     try:
         return parse_response(endpoint, body)
-    except Exception:
-        logger.warning("batchinfer.response_unreadable", exc_info=True)
+    except Exception as exc:
+        logger.warning(
+            "batchinfer.response_unreadable %s response kept whole: %s: %s",
+            endpoint,
+            type(exc).__name__,
+            exc,
+            exc_info=True,
+            extra={"batchinfer.event": "response_unreadable", "batchinfer.endpoint": endpoint},
+        )
         return ParsedResponse(body=body)
