@@ -423,15 +423,23 @@ class BatchInfer:
     async def completions(
         self, batch: BatchRef, *, status: CompletionStatus | str | None = None
     ) -> AsyncIterator[Completion]:
-        """Every completion of a batch in request order, read a page at a time."""
+        """Every completion of a batch in request order, read a page at a time; an unknown
+        batch id raises BatchNotFoundError (at the first iteration)."""
         self._check_open()
-        wanted = CompletionStatus(status) if status is not None else None
+        try:
+            wanted = CompletionStatus(status) if status is not None else None
+        except ValueError:
+            known = ", ".join(s.value for s in CompletionStatus)
+            raise InvalidRequestError(
+                f"unknown completion status {status!r}; one of {known}"
+            ) from None
         async for page in self._store.completions.pages(_batch_id(batch), status=wanted):
             for completion in page:
                 yield completion
 
     async def summary(self, batch: BatchRef) -> dict[str, Any]:
-        """Counts by status and token totals of a batch's completions."""
+        """Counts by status and token totals of a batch's completions; an unknown batch id
+        raises BatchNotFoundError."""
         self._check_open()
         return await self._store.completions.summary(_batch_id(batch))
 

@@ -6,8 +6,9 @@ waiting, and it would fail the whole batch for one bad line. Here the error name
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -17,6 +18,16 @@ from batchinfer.errors import InvalidRequestError
 from batchinfer.jsonl import encode_request_line
 
 _REQUEST_KEYS = frozenset({"custom_id", "body", "metadata", "method", "url"})
+
+#: The largest metadata, of one request or of a batch, accepted (bytes of its JSON encoding).
+#: Metadata is read back with every completion, so megabytes there slow every read; Postgres
+#: refuses a jsonb string over 256 MB outright, with an error naming neither request nor field.
+#: Assign a new value to change it (it is read at each check).
+MAX_METADATA_BYTES = 1_000_000
+
+# Control characters in a custom_id break the line-oriented tools ids are pasted into (logs,
+# grep, CSV); NUL has its own message because Postgres cannot store it at all.
+_CONTROL = re.compile(r"[\x01-\x1f\x7f]")
 
 # Postgres text and jsonb cannot hold U+0000; orjson writes it as \u0000, a backslash as \\.
 # (The body is stored as json, which keeps the escape as text and so may contain it.)
@@ -51,18 +62,115 @@ async def _aiter(requests: Requests) -> AsyncIterator[Any]:
 
 
 def check_batch_metadata(metadata: Any) -> dict[str, Any]:
-    """The batch's own metadata: a JSON-serialisable dict without NUL characters."""
+    """The batch's own metadata: a JSON-serialisable dict without NUL characters, NaN or
+    Infinity, of at most MAX_METADATA_BYTES."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
         raise InvalidRequestError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        encoded = orjson.dumps(metadata)
-    except TypeError as exc:
-        raise InvalidRequestError(f"metadata is not JSON-serialisable: {exc}") from exc
+    checked: dict[str, Any] = dict(metadata)
+    encoded = _encode(checked, "metadata", InvalidRequestError)
     if has_encoded_nul(encoded):
         raise InvalidRequestError("metadata contains a NUL character, which Postgres cannot store")
-    return dict(metadata)
+    too_big = _metadata_too_big(checked, len(encoded))
+    if too_big is not None:
+        raise InvalidRequestError(too_big)
+    return checked
+
+
+def _encode(value: Any, field: str, fail: Callable[[str], InvalidRequestError]) -> bytes:
+    """``value`` as JSON, or ``fail`` saying which part of it JSON cannot hold as given."""
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:
+        raise fail(
+            _find_unencodable(value, field) or f"{field} is not JSON-serialisable: {exc}"
+        ) from exc
+    # orjson writes NaN and Infinity as null without a word; only an encoding that contains
+    # a null can hide one, so the walk is skipped for nearly every value.
+    if b"null" in encoded:
+        problem = _find_unencodable(value, field)
+        if problem is not None:
+            raise fail(problem)
+    return encoded
+
+
+def _find_unencodable(value: Any, field: str) -> str | None:
+    """The first value, in document order, that JSON cannot hold, described with its path."""
+    found = _scan(value, set(), 0)
+    if found is None:
+        return None
+    steps, problem = found
+    path = field
+    for step in reversed(steps):
+        path = f"{path}[{step}]" if isinstance(step, int) else _child(path, step)
+    return f"{path} {problem}"
+
+
+#: orjson refuses deeper nesting anyway; the scan stops there rather than chase a cycle.
+_MAX_DEPTH = 256
+_Found = tuple[list[int | str], str]
+
+
+def _scan(item: Any, seen: set[int], depth: int) -> _Found | None:
+    # Recursive with exact type checks and the path built only on the way out: this runs for
+    # every request whose JSON holds a null, so it must cost little more than the encoding.
+    kind = type(item)
+    if kind is str or kind is bool or item is None:
+        return None
+    if kind is int and -(1 << 63) <= item < (1 << 64):
+        return None
+    if kind is float:
+        if math.isfinite(item):
+            return None
+        name = "NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")
+        return [], (
+            f"is {name}, which JSON cannot hold (it would be sent and stored as null); "
+            "use null or a string"
+        )
+    if isinstance(item, dict | list | tuple):
+        if id(item) in seen or depth >= _MAX_DEPTH:
+            return None
+        seen.add(id(item))
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return [], (
+                        f"has the key {key!r} ({type(key).__name__}); JSON keys must be strings"
+                    )
+                found = _scan(child, seen, depth + 1)
+                if found is not None:
+                    found[0].append(key)
+                    return found
+        else:
+            for index, child in enumerate(item):
+                found = _scan(child, seen, depth + 1)
+                if found is not None:
+                    found[0].append(index)
+                    return found
+        return None
+    try:
+        orjson.dumps(item)
+    except TypeError as exc:
+        return [], f"({type(item).__name__}) is not JSON-serialisable: {exc}"
+    return None
+
+
+def _child(path: str, key: str) -> str:
+    return f"{path}.{key}" if key.isidentifier() else f"{path}[{key!r}]"
+
+
+def _metadata_too_big(metadata: Mapping[str, Any], size: int) -> str | None:
+    limit = MAX_METADATA_BYTES
+    if size <= limit:
+        return None
+    largest = max(metadata, key=lambda k: len(orjson.dumps(metadata[k])))
+    return (
+        f"metadata is {size:,} bytes as JSON ({_child('metadata', largest)} alone is "
+        f"{len(orjson.dumps(metadata[largest])):,}), over the limit of {limit:,} "
+        "(batchinfer.validation.MAX_METADATA_BYTES); keep large data in your own tables and "
+        "put its key in the metadata"
+    )
 
 
 def check_batch_params(*, endpoint: str, model: str, limits: BatchLimits) -> None:
@@ -75,7 +183,7 @@ def check_batch_params(*, endpoint: str, model: str, limits: BatchLimits) -> Non
         raise InvalidRequestError("model must be a non-empty string")
 
 
-async def validate_requests(
+def validate_requests(
     requests: Requests,
     *,
     endpoint: str,
@@ -84,9 +192,25 @@ async def validate_requests(
 ) -> AsyncIterator[NewRequest]:
     """Yield each request validated and encoded; raise InvalidRequestError at the first bad one.
 
-    The caller writes what this yields inside one transaction, so an error leaves nothing behind.
+    The batch's own parameters are checked here, at the call, before the caller starts its
+    transaction (a model of None would otherwise reach the batch row first, as a StorageError);
+    the requests are checked as they are iterated. The caller writes what this yields inside
+    one transaction, so an error leaves nothing behind.
     """
     check_batch_params(endpoint=endpoint, model=model, limits=limits)
+    if isinstance(requests, Mapping | str | bytes) or not isinstance(
+        requests, Iterable | AsyncIterable
+    ):
+        raise InvalidRequestError(
+            "requests must be a list or (async) iterable of request dicts, got "
+            f"{type(requests).__name__}"
+        )
+    return _validated(requests, endpoint=endpoint, model=model, limits=limits)
+
+
+async def _validated(
+    requests: Requests, *, endpoint: str, model: str, limits: BatchLimits
+) -> AsyncIterator[NewRequest]:
     seen: set[str] = set()
     total_bytes = 0
     position = -1
@@ -104,6 +228,13 @@ async def validate_requests(
             raise InvalidRequestError(
                 f"a batch holds at most {limits.max_requests:,} requests; split the work into "
                 "several batches",
+                position=position,
+                custom_id=request.custom_id,
+            )
+        if request.line_bytes > limits.max_bytes:
+            raise InvalidRequestError(
+                f"body is {request.line_bytes:,} bytes as a JSONL line, more than the "
+                f"{limits.max_bytes:,} bytes a batch's whole JSONL may hold; shorten it",
                 position=position,
                 custom_id=request.custom_id,
             )
@@ -129,7 +260,14 @@ def _check_request(
             position=position,
         )
     custom_id = item.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id.strip():
+    if custom_id is not None and not isinstance(custom_id, str):
+        shown = repr(custom_id)
+        shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
+        raise InvalidRequestError(
+            f"custom_id must be a string, got {type(custom_id).__name__} {shown}",
+            position=position,
+        )
+    if not custom_id or not custom_id.strip():
         raise InvalidRequestError("custom_id is missing or empty", position=position)
 
     def fail(message: str) -> InvalidRequestError:
@@ -143,6 +281,11 @@ def _check_request(
         )
     if len(custom_id) > limits.max_custom_id_length:
         raise fail(f"custom_id is longer than {limits.max_custom_id_length} characters")
+    control = _CONTROL.search(custom_id)
+    if control is not None:
+        raise fail(
+            f"custom_id contains the control character {control.group()!r}; use printable text"
+        )
     if item.get("method", "POST") != "POST":
         raise fail("method must be POST")
     if item.get("url", endpoint) != endpoint:
@@ -167,18 +310,19 @@ def _check_request(
         metadata = {}
     if not isinstance(metadata, Mapping):
         raise fail("metadata must be a dict")
-    try:
-        body_json = orjson.dumps(body)
-        metadata_json = orjson.dumps(metadata)
-        line_bytes = len(encode_request_line(custom_id, endpoint, body_json))
-    except TypeError as exc:
-        raise fail(f"not JSON-serialisable: {exc}") from exc
+    metadata = dict(metadata)
+    body_json = _encode(body, "body", fail)
+    metadata_json = _encode(metadata, "metadata", fail)
+    line_bytes = len(encode_request_line(custom_id, endpoint, body_json))
     if "\x00" in custom_id or has_encoded_nul(metadata_json):
         raise fail("custom_id or metadata contains a NUL character, which Postgres cannot store")
+    too_big = _metadata_too_big(metadata, len(metadata_json))
+    if too_big is not None:
+        raise fail(too_big)
     return NewRequest(
         custom_id=custom_id,
         line_no=position + 1,
         body_json=body_json,
-        metadata=dict(metadata),
+        metadata=metadata,
         line_bytes=line_bytes,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -78,7 +79,15 @@ def _parser() -> argparse.ArgumentParser:
 async def _emulator(host: str, port: int, step_seconds: float, api_key: str) -> None:
     from batchinfer.testing import Emulator
 
-    async with Emulator(host=host, port=port, step_seconds=step_seconds, api_key=api_key) as emu:
+    emu = Emulator(host=host, port=port, step_seconds=step_seconds, api_key=api_key)
+    try:
+        await emu.start()
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(f"{where} is already in use; pick another port with --port") from None
+        raise CliError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    async with emu:
         print(f"Serving the OpenAI API emulator at {emu.base_url} (api key {api_key!r})")
         print("Batches advance every", step_seconds, "s. Press Ctrl-C to stop.", flush=True)
         await asyncio.Event().wait()

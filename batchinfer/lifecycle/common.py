@@ -41,8 +41,12 @@ async def finish_even_if_cancelled(write: Coroutine[Any, Any, T]) -> T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await task
+        # However many times we are cancelled meanwhile, the write ends first.
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: its error, if any, is not the news here
         raise
 
 

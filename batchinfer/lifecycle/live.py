@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -46,10 +47,16 @@ class LiveCaller:
             )
         ]
         sent = orjson.loads(checked.body_json)
-        completion_id = await self.store.completions.create_live(
-            custom_id=custom_id, body=sent, metadata=checked.metadata
+        # The insert runs to its end even if the call is cancelled meanwhile: a cancellation
+        # landing between its commit and its answer would leave a "submitted" row nobody knows
+        # the id of, and one landing inside a query tears down the pooled connection.
+        row = asyncio.ensure_future(
+            self.store.completions.create_live(
+                custom_id=custom_id, body=sent, metadata=checked.metadata
+            )
         )
         try:
+            completion_id = await asyncio.shield(row)
             parsed = await adapter.complete(endpoint, sent)
             named = parsed.body.get("model")
             outcome = ResultOutcome(
@@ -61,20 +68,41 @@ class LiveCaller:
                     named if isinstance(named, str) else None, parsed.usage
                 ),
             )
-            await self.store.results.apply_outcomes(None, [outcome], completion_id=completion_id)
+            # The answer is paid for: store it even if the caller gives up now.
+            await finish_even_if_cancelled(
+                self.store.results.apply_outcomes(None, [outcome], completion_id=completion_id)
+            )
+            return await finish_even_if_cancelled(self.store.completions.get(completion_id))
         except BaseException as exc:
             # Whatever stopped it (provider error, unreadable answer, cancellation), the row
             # says so instead of staying "submitted" for ever.
-            status = exc.status if isinstance(exc, ProviderError) else None
-            failed = ResultOutcome(
-                custom_id=custom_id,
-                status=CompletionStatus.FAILED,
-                status_code=status,
-                failure_error=f"{adapter.name} live request failed (status: {status})",
-                failure_reason=f"{type(exc).__name__}: {exc}"[:255],
-            )
-            await finish_even_if_cancelled(
-                self.store.results.apply_outcomes(None, [failed], completion_id=completion_id)
-            )
+            await finish_even_if_cancelled(self._fail(row, adapter.name, custom_id, exc))
             raise
-        return await self.store.completions.get(completion_id)
+
+    async def _fail(
+        self, row: asyncio.Future[int], provider: str, custom_id: str, exc: BaseException
+    ) -> None:
+        """Fail the row ``row`` inserts once it is in; a row already completed is kept."""
+        try:
+            completion_id = await row
+        except Exception:
+            return  # nothing was written, so there is nothing to fail
+        if isinstance(exc, asyncio.CancelledError):
+            status = None
+            error = f"{provider} live request cancelled"
+            reason = (
+                "the call was cancelled (a timeout or a cancelled task) before its answer "
+                "was stored"
+            )
+        else:
+            status = exc.status if isinstance(exc, ProviderError) else None
+            error = f"{provider} live request failed (status: {status})"
+            reason = f"{type(exc).__name__}: {exc}"
+        failed = ResultOutcome(
+            custom_id=custom_id,
+            status=CompletionStatus.FAILED,
+            status_code=status,
+            failure_error=error,
+            failure_reason=reason[:255],
+        )
+        await self.store.results.apply_outcomes(None, [failed], completion_id=completion_id)

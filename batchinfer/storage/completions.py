@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchinfer.domain import Completion, CompletionStatus
+from batchinfer.errors import BatchNotFoundError
 from batchinfer.storage.database import Database
 from batchinfer.storage.rows import completion_from_row
-from batchinfer.storage.tables import completions
+from batchinfer.storage.tables import batches, completions
 
 
 class CompletionStore:
@@ -37,10 +39,19 @@ class CompletionStore:
                 query = query.where(completions.c.status == status.value)
             async with self.db.connect(f"reading the completions of batch {batch_id}") as conn:
                 rows = (await conn.execute(query)).all()
+                if not rows and after == 0:
+                    await self._check_exists(conn, batch_id)
             if not rows:
                 return
             yield [completion_from_row(r) for r in rows]
             after = rows[-1].line_no
+
+    async def _check_exists(self, conn: AsyncConnection, batch_id: uuid.UUID) -> None:
+        # Only asked when a batch shows no completions, which every real batch has: an unknown
+        # id must not pass for an empty batch, and a known one pays nothing for the check.
+        query = sa.select(sa.exists().where(batches.c.id == batch_id))
+        if not (await conn.execute(query)).scalar():
+            raise BatchNotFoundError(f"no batch {batch_id} in schema {self.db.schema!r}")
 
     async def get(self, completion_id: int) -> Completion:
         async with self.db.connect(f"reading completion {completion_id}") as conn:
@@ -73,7 +84,7 @@ class CompletionStore:
             )
 
     async def summary(self, batch_id: uuid.UUID) -> dict[str, Any]:
-        """Counts by status and token sums, for reports."""
+        """Counts by status and token sums, for reports; BatchNotFoundError for an unknown id."""
         c = completions.c
         query = (
             sa.select(
@@ -89,6 +100,8 @@ class CompletionStore:
         )
         async with self.db.connect(f"summarising batch {batch_id}") as conn:
             rows = (await conn.execute(query)).all()
+            if not rows:
+                await self._check_exists(conn, batch_id)
         by_status = {r[0]: int(r[1]) for r in rows}
         return {
             "by_status": by_status,
