@@ -395,6 +395,8 @@ async def test_crash_half_way_then_resume(
         content = emulator.file_content(batch.output_file_id)
         cut = sum(len(line) + 1 for line in content.split(b"\n")[:40]) + 5
         emulator.drop_connection("GET", f"/files/{batch.output_file_id}/content", after_bytes=cut)
+        # ... and every resume (3 attempts in tests) drops too: the pass gives up half-way.
+        emulator.drop_connection("GET", f"/files/{batch.output_file_id}/content", times=3)
 
         with pytest.raises(ProviderUnavailableError, match="dropped mid-download"):
             await bi.fetch_batch_results(batch)
@@ -428,7 +430,8 @@ async def test_crash_half_way_then_resume(
 async def test_drop_before_any_byte_applies_nothing(bi: BatchInfer, emulator: Emulator) -> None:
     batch = await finished(bi, emulator, chat_requests(4))
     assert batch.output_file_id is not None
-    emulator.drop_connection("GET", f"/files/{batch.output_file_id}/content", after_bytes=0)
+    # The first request and every resume (3 attempts in tests).
+    emulator.drop_connection("GET", f"/files/{batch.output_file_id}/content", times=4)
 
     with pytest.raises(ProviderUnavailableError):
         await bi.fetch_batch_results(batch)

@@ -11,7 +11,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -215,25 +215,169 @@ class HttpClient:
 
     @asynccontextmanager
     async def stream(self, path: str, *, what: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open a GET whose body is read chunk by chunk; errors mid-stream are mapped too."""
-        headers = {**self._headers, "Accept": "application/octet-stream"}
+        """Open a GET whose body is read chunk by chunk, resumed where it stopped if it drops.
+
+        An error answer to the GET itself is raised here, unretried: no byte has been read, so
+        trying again later loses nothing. Everything after is ``_mapped_chunks``'s.
+        """
+        url = self.url(path)
+        # Offsets must mean the same bytes in every answer for a Range to resume the body, and a
+        # compressed body's do not.
+        headers = {
+            **self._headers,
+            "Accept": "application/octet-stream",
+            "Accept-Encoding": "identity",
+        }
         try:
-            async with self._session_or_new().get(self.url(path), headers=headers) as resp:
-                if resp.status >= 400:
-                    raw = await resp.read()
-                    raise error_from_response(resp.status, raw, resp.headers, what=what)
-                yield _mapped_chunks(resp, what)
+            resp = await self._session_or_new().get(url, headers=headers, ssl=self.ssl)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
+        chunks = _mapped_chunks(self, url, headers, resp, what)
+        try:
+            if resp.status >= 400:
+                try:
+                    raw = await resp.read()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
+                raise error_from_response(resp.status, raw, resp.headers, what=what)
+            yield chunks
+        finally:
+            # Also when the caller stops early: the generator releases what it re-requested.
+            await chunks.aclose()
+            resp.release()
 
 
-async def _mapped_chunks(resp: aiohttp.ClientResponse, what: str) -> AsyncIterator[bytes]:
+async def _mapped_chunks(
+    client: HttpClient,
+    url: str,
+    headers: Mapping[str, str],
+    first: aiohttp.ClientResponse,
+    what: str,
+) -> AsyncGenerator[bytes, None]:
+    """The body of ``first``, continued from where it stopped should it stop early.
+
+    A drop mid-body, or a body shorter than its Content-Length, is resumed with ``Range:
+    bytes=<bytes yielded>-``. A 206 must start at that byte; a 200 (the server ignores Range) is
+    read from the start with the bytes already yielded skipped. Either way the consumer sees one
+    continuous stream with no byte twice. Up to ``client.attempts`` re-requests, with stamina's
+    backoff and any Retry-After honoured; one chunk is held at a time.
+    """
+    encoded = first.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+    # A decoded body's length and offsets are not the wire's: then no check, and no Range.
+    total = None if encoded else first.content_length
+    use_range = not encoded
+    received = 0
+    wait: float | None = None
+
+    def progress() -> str:
+        return f"{received} bytes" if total is None else f"{received} of {total} bytes"
+
+    async def body(resp: aiohttp.ClientResponse, skip: int) -> AsyncGenerator[bytes, None]:
+        nonlocal received
+        try:
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                piece = chunk[skip:] if skip else chunk
+                skip = 0
+                received += len(piece)
+                yield piece
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ProviderUnavailableError(
+                f"{what}: the connection dropped mid-download after {progress()} ({_describe(exc)})"
+            ) from exc
+        if skip or (total is not None and received < total):
+            raise ProviderUnavailableError(
+                f"{what}: the body ended early, after {progress()} (the connection dropped "
+                "mid-download)"
+            )
+
+    async def reopen() -> tuple[aiohttp.ClientResponse, int]:
+        """A request for the rest: the response, and how many of its bytes were yielded."""
+        nonlocal use_range, wait
+        wait = None
+        again = dict(headers)
+        if use_range and received:
+            again["Range"] = f"bytes={received}-"
+        doing = f"{what} (resuming after {progress()})"
+        logger.info(
+            "batchinfer.download_resuming %s",
+            doing,
+            extra={"batchinfer.event": "download_resuming", "batchinfer.received": received},
+        )
+        try:
+            resp = await client._session_or_new().get(url, headers=again, ssl=client.ssl)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ProviderUnavailableError(f"{doing} failed: {_describe(exc)}") from exc
+        try:
+            if resp.status >= 400:
+                wait = _retry_after(resp.headers)
+                raw = await resp.read()
+                raise error_from_response(resp.status, raw, resp.headers, what=doing)
+            if resp.status != 206:
+                if total is not None and resp.content_length not in (None, total):
+                    raise PermanentProviderError(
+                        f"{doing}: the file is now {resp.content_length} bytes; it changed"
+                    )
+                return resp, received
+            stated = resp.headers.get("Content-Range", "")
+            unit, _, span = stated.partition(" ")
+            start, _, size = span.partition("/")
+            if unit != "bytes" or start.partition("-")[0] != str(received):
+                use_range = False
+                raise ProviderUnavailableError(
+                    f"{doing}: the server sent Content-Range {stated!r}; restarting without Range"
+                )
+            if total is not None and size not in ("*", str(total)):
+                raise PermanentProviderError(f"{doing}: the file is now {size} bytes; it changed")
+            return resp, 0
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            resp.release()
+            raise ProviderUnavailableError(f"{doing} failed: {_describe(exc)}") from exc
+        except BaseException:
+            resp.release()
+            raise
+
+    def retry_on(exc: Exception) -> bool | float:
+        # retry_hook reads Retry-After on a 429 only; a 503 may carry one too.
+        if wait is not None and isinstance(exc, TransientProviderError):
+            return min(wait, _MAX_RETRY_AFTER)
+        return retry_hook(exc)
+
+    chunks = body(first, 0)
     try:
-        async for chunk in resp.content.iter_chunked(_CHUNK):
+        async for chunk in chunks:
             yield chunk
-    except (TimeoutError, aiohttp.ClientError) as exc:
+        return
+    except ProviderUnavailableError:
+        pass  # resumed below
+    finally:
+        await chunks.aclose()
+        first.release()
+    tries = 0
+    try:
+        # No timeout: the time the consumer spends on the chunks must not count against it.
+        async for attempt in stamina.retry_context(
+            on=retry_on, attempts=client.attempts, timeout=None
+        ):
+            with attempt:
+                tries = attempt.num
+                resp, skip = await reopen()
+                chunks = body(resp, skip)
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                finally:
+                    await chunks.aclose()
+                    resp.release()
+                return
+    except TransientProviderError as exc:
         raise ProviderUnavailableError(
-            f"{what}: the connection dropped mid-download ({_describe(exc)})"
+            f"{what}: the connection dropped mid-download and {tries} attempts to resume failed; "
+            f"gave up after {progress()} (last: {exc})",
+            status=exc.status,
+            request_id=exc.request_id,
         ) from exc
 
 

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .clock import FakeClock
-from .emulator import Emulator
+from .emulator import Emulator, ReceivedRequest
 
-__all__ = ["Emulator", "FakeClock"]
+__all__ = ["Emulator", "FakeClock", "ReceivedRequest"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
 
 from . import fake_model
+from ._faults import API_PREFIX, CONTENT_PATH, Faults
 from ._state import CancelConflict, Store, page
 from ._wire import (
+    Unsatisfiable,
+    byte_range,
     close_connection,
     error_response,
     int_query,
@@ -24,64 +26,28 @@ from ._wire import (
     ttl_seconds,
 )
 
-__all__ = ["API_PREFIX", "ConnectionDrop", "Faults", "HttpFault", "build_app"]
+__all__ = ["API_PREFIX", "Faults", "ReceivedRequest", "build_app"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-API_PREFIX = "/v1"
 CHUNK = 1 << 20
 MIB = 1024 * 1024
 # OpenAI's caps: 512 MB for any upload, 200 MB for batch input. Counted in MiB to stay lenient.
 MAX_UPLOAD_BYTES = 512 * MIB
 MAX_BATCH_INPUT_BYTES = 200 * MIB
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
-_CONTENT_PATH = re.compile(r"^/files/[^/]+/content$")
+DROP_GRACE_SECONDS = 0.02
 _DROP_KEY = web.RequestKey("drop_after_bytes", int)
 _LIVE_ROUTES = ("/chat/completions", "/responses", "/embeddings")
 
 
-@dataclass(slots=True)
-class HttpFault:
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """One request as the emulator saw it, before any fault or check."""
+
     method: str
     path: str
-    status: int
-    times: int
-    body: dict[str, object] | None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class ConnectionDrop:
-    method: str
-    path: str
-    times: int
-    after_bytes: int
-
-
-@dataclass(slots=True)
-class Faults:
-    http: list[HttpFault] = field(default_factory=list)
-    drops: list[ConnectionDrop] = field(default_factory=list)
-
-    def take_http(self, method: str, path: str) -> HttpFault | None:
-        return _take(self.http, method, path)
-
-    def take_drop(self, method: str, path: str) -> ConnectionDrop | None:
-        return _take(self.drops, method, path)
-
-
-_Rule = TypeVar("_Rule", HttpFault, ConnectionDrop)
-
-
-def _take(rules: list[_Rule], method: str, path: str) -> _Rule | None:
-    """The first rule matching this request, used once (and dropped when used up)."""
-    for rule in rules:
-        if rule.method in ("*", method) and path.startswith(rule.path):
-            rule.times -= 1
-            if rule.times <= 0:
-                rules.remove(rule)
-            return rule
-    return None
+    headers: Mapping[str, str]
 
 
 def _subpath(request: web.Request) -> str:
@@ -91,12 +57,18 @@ def _subpath(request: web.Request) -> str:
 
 class Api:
     def __init__(
-        self, store: Store, faults: Faults, api_key: str, log: list[tuple[str, str]]
+        self,
+        store: Store,
+        faults: Faults,
+        api_key: str,
+        log: list[tuple[str, str]],
+        received: list[ReceivedRequest],
     ) -> None:
         self.store = store
         self.faults = faults
         self.api_key = api_key
         self.log = log
+        self.received = received
         # Separate from the store's generator so polling does not shift batch and file ids.
         self._request_ids = random.Random(f"{store.seed}:request-ids")
 
@@ -130,6 +102,7 @@ class Api:
     @web.middleware
     async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.log.append((request.method, request.path))
+        self.received.append(ReceivedRequest(request.method, request.path, request.headers))
         return await handler(request)
 
     @web.middleware
@@ -145,21 +118,57 @@ class Api:
     @web.middleware
     async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         method, path = request.method, _subpath(request)
-        drop = self.faults.take_drop(method, path)
+        delay = self.faults.take_delay(method, path)
+        if not delay:
+            return await self._faulted(request, handler, method, path)
+        if method == "GET" and CONTENT_PATH.match(path):
+            # A download is slow to start; its body cannot be held back once streamed.
+            await asyncio.sleep(delay)
+            return await self._faulted(request, handler, method, path)
+        # Served first, answered late: a client that gives up meanwhile still had it done.
+        response = await self._faulted(request, handler, method, path)
+        await asyncio.sleep(delay)
+        return response
+
+    async def _faulted(
+        self, request: web.Request, handler: Handler, method: str, path: str
+    ) -> web.StreamResponse:
+        faults = self.faults
+        drop = faults.take_drop(method, path)
         if drop is not None:
-            if method == "GET" and _CONTENT_PATH.match(path):
+            if method == "GET" and CONTENT_PATH.match(path):
                 request[_DROP_KEY] = drop.after_bytes
                 return await handler(request)
             close_connection(request)
             # The transport is closed, so aiohttp discards this response quietly.
             return web.Response(status=500)
-        fault = self.faults.take_http(method, path)
+        fault = faults.take_http(method, path)
         if fault is not None:
             if fault.body is not None:
                 return json_response(fault.body, status=fault.status, headers=fault.headers)
             return error_response(
                 fault.status, f"Emulated HTTP {fault.status} error.", headers=fault.headers
             )
+        rolled = faults.roll(path)
+        if rolled is not None:
+            message = (
+                "Rate limit reached (emulated)."
+                if rolled.status == 429
+                else f"Emulated HTTP {rolled.status} error."
+            )
+            return error_response(rolled.status, message, headers=rolled.headers)
+        unseen = faults.unseen(method, path, self.store.born.get, self.store.clock())
+        if unseen is not None:
+            return not_found(*unseen)
+        if faults.take_lost(method, path):
+            # A download has no work to lose; anything else is served, then goes unanswered.
+            response = (
+                web.Response(status=500)
+                if method == "GET" and CONTENT_PATH.match(path)
+                else await handler(request)
+            )
+            close_connection(request)
+            return response
         return await handler(request)
 
     @web.middleware
@@ -271,14 +280,37 @@ class Api:
             if drop_after is not None:
                 close_connection(request)
             return not_found("File", file_id)
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = len(content)
+        size = len(content)
+        start, end, status = 0, size, 200
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.faults.ranges:
+            headers["Accept-Ranges"] = "bytes"
+            try:
+                span = byte_range(request.headers.get("Range"), size)
+            except Unsatisfiable:
+                if drop_after is not None:
+                    close_connection(request)
+                return error_response(
+                    416,
+                    f"Range not satisfiable: the file has {size} bytes.",
+                    headers={"Content-Range": f"bytes */{size}"},
+                )
+            if span is not None:
+                start, end = span
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
         await response.prepare(request)
-        end = len(content) if drop_after is None else min(drop_after, len(content))
+        # A drop counts bytes of this body, so a resumed download can be dropped again.
+        stop = end if drop_after is None else min(start + drop_after, end)
         view = memoryview(content)
-        for offset in range(0, end, CHUNK):
-            await response.write(view[offset : min(offset + CHUNK, end)])
+        for offset in range(start, stop, CHUNK):
+            await response.write(view[offset : min(offset + CHUNK, stop)])
         if drop_after is not None:
+            # aiohttp's client raises on a lost connection before handing over what it still
+            # buffers; a moment's grace lets a prompt reader see exactly ``after_bytes``.
+            await asyncio.sleep(DROP_GRACE_SECONDS)
             close_connection(request)
             return response
         await response.write_eof()
@@ -354,7 +386,7 @@ class Api:
         if record is None:
             return not_found("Batch", batch_id)
         self.store.tick(record)
-        return json_response(record.obj)
+        return json_response(self.faults.batch_view(batch_id, record.obj))
 
     async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
         batch_id = request.match_info["batch_id"]
@@ -381,6 +413,10 @@ class Api:
 
 
 def build_app(
-    store: Store, faults: Faults, api_key: str, log: list[tuple[str, str]]
+    store: Store,
+    faults: Faults,
+    api_key: str,
+    log: list[tuple[str, str]],
+    received: list[ReceivedRequest],
 ) -> web.Application:
-    return Api(store, faults, api_key, log).app()
+    return Api(store, faults, api_key, log, received).app()

@@ -133,6 +133,8 @@ class Store:
         self.file_records: dict[str, FileRecord] = {}
         self.batches: dict[str, dict[str, object]] = {}
         self.records: dict[str, BatchRecord] = {}
+        # When each file and batch came to be, by clock(): eventual-consistency faults need it.
+        self.born: dict[str, float] = {}
         self.failures: dict[str, ScriptedFailure] = {}
         self.dropped: set[str] = set()
         self.validation_failures: deque[list[dict[str, object]]] = deque()
@@ -161,6 +163,7 @@ class Store:
         )
         self.files[record.id] = content
         self.file_records[record.id] = record
+        self.born[record.id] = self.clock()
         return record
 
     def file_object(self, file_id: str) -> dict[str, object] | None:
@@ -179,6 +182,7 @@ class Store:
 
     def delete_file(self, file_id: str) -> bool:
         self.file_records.pop(file_id, None)
+        self.born.pop(file_id, None)
         return self.files.pop(file_id, None) is not None
 
     # ---- batches
@@ -223,6 +227,7 @@ class Store:
         )
         self.batches[batch_id] = obj
         self.records[batch_id] = record
+        self.born[batch_id] = self.clock()
         return record
 
     def record(self, batch_id: str) -> BatchRecord:

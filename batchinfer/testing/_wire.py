@@ -14,6 +14,8 @@ from aiohttp import web
 __all__ = [
     "MAX_TTL",
     "MIN_TTL",
+    "Unsatisfiable",
+    "byte_range",
     "close_connection",
     "error_response",
     "int_query",
@@ -73,6 +75,43 @@ def close_connection(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.close()
+
+
+class Unsatisfiable(ValueError):
+    """A Range no byte of the representation falls in: answered 416."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The ``[start, end)`` span a ``Range`` header asks of ``size`` bytes; None to send all.
+
+    One ``bytes=`` range is honoured (``N-``, ``N-M`` or the suffix ``-K``). Anything else (no
+    header, another unit, several ranges, bad syntax) is ignored, as RFC 9110 allows, and the
+    whole representation goes out as a 200.
+    """
+    if header is None:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first:  # the suffix form: the last K bytes
+        if not last.isdigit():
+            return None
+        length = int(last)
+        if length == 0 or size == 0:
+            raise Unsatisfiable
+        return max(size - length, 0), size
+    if not first.isdigit() or (last and not last.isdigit()):
+        return None
+    start = int(first)
+    end = size if not last else min(int(last) + 1, size)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise Unsatisfiable
+    return start, end
 
 
 def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:

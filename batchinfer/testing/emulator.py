@@ -1,4 +1,8 @@
-"""The public face of the emulator: server lifecycle, failure scripting and batch driving."""
+"""The public face of the emulator: server lifecycle, failure scripting and batch driving.
+
+Transport faults (HTTP errors, dropped connections, latency, lost answers, eventual
+consistency) are scripted with the methods of :class:`~._faults.FaultScripting`.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +12,25 @@ from types import TracebackType
 
 from aiohttp import web
 
-from ._http import API_PREFIX, ConnectionDrop, Faults, HttpFault, build_app
+from ._faults import Faults, FaultScripting
+from ._http import API_PREFIX, ReceivedRequest, build_app
 from ._state import TERMINAL, ScriptedFailure, Store
 
-__all__ = ["Emulator"]
+__all__ = ["Emulator", "ReceivedRequest"]
 
 _ERROR_KEYS = ("code", "message", "param", "line")
 
 
-def _api_path(path: str) -> str:
-    # Accept "/v1/files" as well as "/files": both spellings appear in tests and SDK docs.
-    if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
-        return path[len(API_PREFIX) :]
-    return path
-
-
-class Emulator:
+class Emulator(FaultScripting):
     """A local OpenAI Files + Batches + live inference server backed by a deterministic model.
 
     Batches stay put until driven with :meth:`advance`, :meth:`process`, :meth:`finish` or
     :meth:`expire`, unless ``step_seconds`` is set: then each read of a batch applies one step
     per ``step_seconds`` of ``clock()`` time elapsed since the previous step.
+
+    ``requests`` lists every request's method and path; ``received`` the same with headers.
+    ``seed`` fixes the order of result lines and every random fault; ``ranges=False`` makes
+    file downloads ignore ``Range`` headers.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class Emulator:
         step_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
         seed: int = 0,
+        ranges: bool = True,
     ) -> None:
         if step_seconds is not None and step_seconds <= 0:
             raise ValueError("step_seconds must be positive")
@@ -47,10 +50,11 @@ class Emulator:
         self.host = host
         self.port = port
         self._store = Store(clock=clock, seed=seed, step_seconds=step_seconds)
-        self._faults = Faults()
+        self._faults = Faults(seed=seed, ranges=ranges)
         self.files: dict[str, bytes] = self._store.files
         self.batches: dict[str, dict[str, object]] = self._store.batches
         self.requests: list[tuple[str, str]] = []
+        self.received: list[ReceivedRequest] = []
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
 
@@ -65,7 +69,7 @@ class Emulator:
     async def start(self) -> None:
         if self._runner is not None:
             return
-        app = build_app(self._store, self._faults, self.api_key, self.requests)
+        app = build_app(self._store, self._faults, self.api_key, self.requests, self.received)
         # A short shutdown grace: clients keep connections alive and tests should not wait on them.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -121,36 +125,6 @@ class Emulator:
         """The next batch created fails validation with these errors (queued one per batch)."""
         normalised = [{key: error.get(key) for key in _ERROR_KEYS} | error for error in errors]
         self._store.validation_failures.append(normalised)
-
-    def fail_http(
-        self,
-        method: str,
-        path: str,
-        status: int,
-        *,
-        times: int = 1,
-        body: dict[str, object] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        """The next ``times`` matching requests get ``status`` instead of being served.
-
-        ``path`` is a prefix of the path after ``/v1``; ``method`` may be ``"*"``.
-        """
-        self._faults.http.append(
-            HttpFault(method.upper(), _api_path(path), status, times, body, dict(headers or {}))
-        )
-
-    def drop_connection(
-        self, method: str, path: str, *, times: int = 1, after_bytes: int = 0
-    ) -> None:
-        """The next ``times`` matching requests have their connection closed unanswered.
-
-        For ``GET /files/{id}/content`` the status line, headers (with the full Content-Length)
-        and ``after_bytes`` bytes of the body go out first, so clients see a truncated payload.
-        """
-        self._faults.drops.append(
-            ConnectionDrop(method.upper(), _api_path(path), times, after_bytes)
-        )
 
     # ---- driving batches
 
