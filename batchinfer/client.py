@@ -7,6 +7,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -26,6 +27,7 @@ from batchinfer.errors import (
     ClosedError,
     InvalidBatchError,
     InvalidRequestError,
+    ProviderRejectedError,
     ResultsNotReadyError,
     TransientProviderError,
     TransientStorageError,
@@ -358,6 +360,22 @@ class BatchInfer:
                         await _wait_event(woken, max(interval, 1.0))
                         continue
                 current = await self._drive(current)
+            except ProviderRejectedError as exc:
+                # A batch or file created moments ago may not be visible everywhere yet.
+                if exc.status != 404 or not _recent(current):
+                    raise
+                logger.warning(
+                    "batchinfer.wait_step_failed batch %s: %s (just created: trying again)",
+                    batch_id,
+                    exc,
+                    extra={
+                        "batchinfer.event": "wait_step_failed",
+                        "batchinfer.batch_id": str(batch_id),
+                        "batchinfer.error": str(exc),
+                    },
+                )
+                await self._sleep(max(interval, 1.0))
+                continue
             except (TransientProviderError, TransientStorageError) as exc:
                 # A batch runs for hours; one failed step (already retried) is not the end.
                 logger.warning(
@@ -474,6 +492,12 @@ async def _call(callback: Callable[[Batch], Awaitable[None] | None] | None, batc
         result = callback(batch)
         if result is not None:
             await result
+
+
+def _recent(batch: Batch) -> bool:
+    """Submitted or ended within the last few minutes."""
+    moments = [t for t in (batch.submitted_at, batch.ended_at) if t is not None]
+    return not moments or datetime.now(UTC) - max(moments) < timedelta(minutes=5)
 
 
 def _check_will_be_submitted(batch: Batch) -> None:

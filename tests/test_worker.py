@@ -596,3 +596,18 @@ async def test_a_worker_on_a_database_without_the_tables_says_to_migrate(
             await bi.worker(idle_seconds=0.05).run()
         with pytest.raises(SchemaNotReadyError, match=r"migrate\(\)"):
             await bi.worker().run_once()
+
+
+async def test_wait_rides_through_the_provider_not_yet_seeing_a_new_batch(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    emulator.early_not_found(0.3)
+    batch = await create(bi)
+
+    async def advance(current: Batch) -> None:
+        if current.provider_batch_id:
+            await emulator.advance(current.provider_batch_id)
+
+    async with asyncio.timeout(20):
+        done = await bi.wait(batch, on_poll=advance)
+    assert done.results_applied_at is not None
