@@ -209,6 +209,8 @@ class Batch:
     handler_next_at: datetime | None = None
     #: Set when the handlers failed ``handler_attempts`` times in a row: no more retries.
     handler_gave_up_at: datetime | None = None
+    #: When the provider's copies of the batch's files were deleted (see ``delete_input_files``).
+    files_deleted_at: datetime | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -333,6 +333,8 @@ class Worker:
                         batch.id, seconds=self.options.poll_schedule[0], now=now
                     )
                     return batch
+        if batch.results_applied_at is not None:
+            batch = await self.results.delete_files(batch)
         if (
             batch.results_applied_at is not None
             and batch.handler_dispatched_at is None

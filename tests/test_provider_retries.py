@@ -151,3 +151,17 @@ async def test_a_base_url_without_v1_names_the_url_called(
             await bi.submit_batch(batch)
     assert f"{root}/files" in str(info.value)
     assert info.value.status == 404
+
+
+async def test_files_a_pass_died_before_deleting_are_deleted_by_the_next_look(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    emulator.fail_http("DELETE", "/files", 500, times=10)  # as if the process died there
+    done = await done_batch(bi, emulator)
+    assert done.input_file_id in emulator.files
+    assert (await bi.get_batch(done)).files_deleted_at is None
+    emulator.clear_faults()
+    again = await bi.fetch_batch_results(done)  # nothing to apply; the deletion is due
+    assert done.input_file_id not in emulator.files
+    assert (await bi.get_batch(again)).files_deleted_at is not None
+    assert calls(emulator, "DELETE", f"/v1/files/{done.input_file_id}") >= 2

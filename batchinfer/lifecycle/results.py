@@ -87,7 +87,8 @@ class ResultsPass:
     async def _once(self, batch_id: uuid.UUID, *, force: bool) -> tuple[Batch, ApplyReport | None]:
         batch = await self.store.batches.get(batch_id)
         if batch.results_applied_at is not None:
-            return batch, None
+            # A pass that died before deleting the files leaves that to the next.
+            return await self.delete_files(batch), None
         if not batch.is_terminal:
             raise InvalidBatchError(
                 f"batch {batch.id} is {batch.status.value}; results can be fetched once it is "
@@ -136,22 +137,27 @@ class ResultsPass:
         batch, swept = finished
         report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
         log("results_applied", batch, status=batch.status.value, **dataclasses.asdict(report))
-        await self._delete_files(batch)
-        return batch, report
+        return await self.delete_files(batch), report
 
-    async def _delete_files(self, batch: Batch) -> None:
+    async def delete_files(self, batch: Batch) -> Batch:
         """The provider keeps files (and bills their storage) until deleted; once the results
-        are in our rows, ours are not needed there. Best effort: a failure is only logged."""
-        doomed = [batch.input_file_id] if self.delete_input_files else []
+        are in our rows, ours are not needed there. Best effort: a failure is logged, and the
+        next look at the batch (a worker's, or another results pass) tries again."""
+        if batch.files_deleted_at is not None or batch.results_applied_at is None:
+            return batch
+        wanted = [batch.input_file_id] if self.delete_input_files else []
         if self.delete_result_files:
-            doomed += [batch.output_file_id, batch.error_file_id]
+            wanted += [batch.output_file_id, batch.error_file_id]
+        doomed = [f for f in wanted if f is not None]
+        if not doomed:
+            return batch
         adapter = self.providers.get(batch.provider)
+        failed = False
         for file_id in doomed:
-            if file_id is None:
-                continue
             try:
                 await adapter.delete_file(file_id)
             except BatchInferError as exc:
+                failed = True
                 log(
                     "file_delete_failed",
                     batch,
@@ -161,6 +167,7 @@ class ResultsPass:
                 )
             else:
                 log("file_deleted", batch, level=logging.DEBUG, file_id=file_id)
+        return batch if failed else await self.store.batches.record_files_deleted(batch.id)
 
     async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
         """Stream one file: parse in this task, write chunks from ``writers`` tasks."""
@@ -227,9 +234,11 @@ class ResultsPass:
                     tg.create_task(writer(), name=f"batchinfer-apply-{batch.id}-{i}")
                 tg.create_task(producer(), name=f"batchinfer-download-{batch.id}")
         except BaseExceptionGroup as group:
-            # Callers expect the one error that stopped the pass, not a group of one.
-            first = group.exceptions[0]
-            if len(group.exceptions) == 1 and isinstance(first, Exception):
+            # Callers expect the one error that stopped the pass, not a group: a database
+            # restart fails every writer at once, and each one's error says the same.
+            errors = [e for e in group.exceptions if isinstance(e, Exception)]
+            if errors and len(errors) == len(group.exceptions):
+                first = next((e for e in errors if isinstance(e, BatchInferError)), errors[0])
                 raise first from first.__cause__
             raise
 

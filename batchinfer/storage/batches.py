@@ -320,6 +320,18 @@ class BatchStore:
                 await self.db.notify(conn, f"status {batch_id}")
         return batch_from_row(row) if row is not None else await self.get(batch_id)
 
+    async def record_files_deleted(self, batch_id: uuid.UUID) -> Batch:
+        async with self.db.tx(f"recording the files of batch {batch_id} as deleted") as conn:
+            row = (
+                await conn.execute(
+                    batches.update()
+                    .where(batches.c.id == batch_id)
+                    .values(files_deleted_at=sa.func.now(), updated_at=sa.func.now())
+                    .returning(batches)
+                )
+            ).one()
+        return batch_from_row(row)
+
     async def stats(self) -> tuple[dict[str, int], float | None]:
         """Batches by status, and the age in seconds of the oldest one still in flight."""
         async with self.db.connect("reading batch statistics") as conn:

@@ -131,6 +131,7 @@ def batch_from_row(row: sa.Row[Any]) -> Batch:
         handler_error=m["handler_error"],
         handler_next_at=m["handler_next_at"],
         handler_gave_up_at=m["handler_gave_up_at"],
+        files_deleted_at=m["files_deleted_at"],
     )
 
 

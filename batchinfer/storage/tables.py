@@ -99,6 +99,8 @@ batches = Table(
     Column("handler_next_at", Timestamp),
     Column("handler_dispatched_at", Timestamp),
     Column("handler_gave_up_at", Timestamp),
+    # The provider's copies of our files, deleted once the results are in our rows.
+    Column("files_deleted_at", Timestamp),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",
