@@ -40,6 +40,15 @@ def examples(session: nox.Session) -> None:
 
 
 @nox.session
+def kill(session: nox.Session) -> None:
+    """The kill-anywhere harness, long: processes SIGKILLed at named points, then recovered and
+    checked (`nox -s kill -- --runs 300 --seed 1`; see tests/kill)."""
+    session.install("-e", ".[test]")
+    args = session.posargs or ["--runs", "300", "--seed", "1"]
+    session.run("python", "-m", "tests.kill", *args)
+
+
+@nox.session
 def benchmark(session: nox.Session) -> None:
     """Throughput of applying results, against a baseline measured in the same run."""
     session.install("-e", ".[test]")
