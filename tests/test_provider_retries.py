@@ -3,6 +3,7 @@ deleted once their results are in."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -165,3 +166,58 @@ async def test_files_a_pass_died_before_deleting_are_deleted_by_the_next_look(
     assert done.input_file_id not in emulator.files
     assert (await bi.get_batch(again)).files_deleted_at is not None
     assert calls(emulator, "DELETE", f"/v1/files/{done.input_file_id}") >= 2
+
+
+async def test_a_create_whose_answer_was_lost_is_adopted_not_repeated(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    emulator.lose_answer("POST", "/batches")
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(2)
+    )
+    submitted = await bi.submit_batch(batch)
+    assert calls(emulator, "POST", "/v1/batches") == 1  # the one that went through
+    assert len(emulator.batches) == 1
+    assert submitted.provider_batch_id in emulator.batches
+
+
+async def test_an_upload_whose_answer_was_lost_is_adopted_not_stranded(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    emulator.lose_answer("POST", "/files")
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(2)
+    )
+    submitted = await bi.submit_batch(batch)
+    assert calls(emulator, "POST", "/v1/files") == 1
+    assert list(emulator.files) == [submitted.input_file_id]
+
+
+async def test_a_result_line_over_the_limit_is_skipped_and_named(
+    engine: AsyncEngine, schema: str, emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(
+        engine, providers=[provider], schema=schema, max_result_line_bytes=2048
+    ) as bi:
+        await bi.migrate()
+        batch = await bi.create_batch(
+            provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(3)
+        )
+        batch = await bi.submit_batch(batch)
+        await emulator.finish(batch.provider_batch_id or "")
+        # The provider's second line is far longer than the limit.
+        output = emulator.batches[batch.provider_batch_id or ""]["output_file_id"]
+        lines = emulator.files[str(output)].split(b"\n")
+        lines[1] = lines[1][:-1] + b', "pad": "' + b"x" * 10_000 + b'"}'
+        emulator.files[str(output)] = b"\n".join(lines)
+        caplog.set_level(logging.WARNING, logger="batchinfer")
+        done = await bi.wait(batch, poll_interval=0)
+        report = bi.last_apply_report
+    assert report is not None
+    assert (report.malformed, report.applied, report.swept) == (1, 2, 1)
+    assert any(
+        r.getMessage().startswith("batchinfer.result_malformed") and "line_no=" in r.getMessage()
+        for r in caplog.records
+    )
+    assert done.results_applied_at is not None

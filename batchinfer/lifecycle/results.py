@@ -27,7 +27,7 @@ from batchinfer.errors import (
     JsonlError,
     ResultsNotReadyError,
 )
-from batchinfer.jsonl import RawLine, decode_object, iter_lines
+from batchinfer.jsonl import DEFAULT_MAX_LINE_BYTES, RawLine, decode_object, iter_lines
 from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log
 from batchinfer.pricing import Pricing
 from batchinfer.providers.base import Provider
@@ -60,6 +60,7 @@ class ResultsPass:
         writers: int = 2,
         delete_input_files: bool = True,
         delete_result_files: bool = False,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -68,6 +69,9 @@ class ResultsPass:
         self.writers = writers
         self.delete_input_files = delete_input_files
         self.delete_result_files = delete_result_files
+        #: Memory stays bounded whatever the file: a longer line is skipped, counted as
+        #: malformed and logged with its number, and its completion swept as missing.
+        self.max_line_bytes = max_line_bytes
 
     async def run(
         self, batch_id: uuid.UUID, *, force: bool = False
@@ -200,7 +204,7 @@ class ResultsPass:
         async def producer() -> None:
             chunk: list[tuple[int, ResultOutcome]] = []
             async with adapter.open_file(file_id) as chunks:
-                async for line in iter_lines(chunks):
+                async for line in iter_lines(chunks, max_line_bytes=self.max_line_bytes):
                     outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
                     if outcome is None:
                         continue
