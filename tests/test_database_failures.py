@@ -41,6 +41,11 @@ from tests.helpers import chat_requests, eventually
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 #: The observer's connections carry this name, so no kill ever takes them.
+
+# Connections are killed under the driver on purpose; the sockets it then drops are reported
+# when collected, at a moment no test controls. Those reports are not what these tests check.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 OBSERVER = "batchinfer_test_observer"
 
 
@@ -295,9 +300,17 @@ async def test_killed_while_chunks_wait_on_locks_fails_whole_then_reruns(
                 return await blocked_appliers(observer, schema) == 2
 
             await eventually(both_blocked, seconds=20)
-            killed = await kill(observer, schema, applying=True, busy=True)
+            killed = 0
+
+            async def all_killed() -> bool:
+                # Again until none is left waiting: a loaded machine may report late.
+                nonlocal killed
+                killed += await kill(observer, schema, applying=True, busy=True)
+                return await blocked_appliers(observer, schema) == 0
+
+            await eventually(all_killed, seconds=20)
             await locker.rollback()
-        assert killed == 2
+        assert killed >= 2
 
         with pytest.raises(StorageError) as info:
             await fetch
@@ -364,7 +377,7 @@ async def test_two_writers_killed_at_the_same_instant_raise_one_storage_error(
     as they do now and then when a restart cuts every connection at once. The pass must still
     raise one StorageError, not an ExceptionGroup of two."""
     n = 600
-    real_apply = ResultStore.apply_outcomes
+    real_apply = ResultStore.apply_rows
     failed: list[BaseException] = []
     both_failed = asyncio.Event()
 
@@ -383,7 +396,7 @@ async def test_two_writers_killed_at_the_same_instant_raise_one_storage_error(
         await bi.migrate()
         batch = await finished(bi, emulator, n)
         order = [r["custom_id"] for r in file_records(emulator, batch.output_file_id)]
-        monkeypatch.setattr(ResultStore, "apply_outcomes", aligned)
+        monkeypatch.setattr(ResultStore, "apply_rows", aligned)
         async with observer.connect() as locker:
             await locker.begin()
             await lock_rows(locker, schema, batch, [order[n // 3], order[2 * n // 3]])
@@ -414,7 +427,7 @@ async def test_wait_rides_through_two_writers_failing_at_once(
     """What the ExceptionGroup above does to wait(): its first results pass loses both writers'
     connections at the same instant (simulated: the database is fine, the failures are what a
     restart raises); wait() retries transient database errors, so it must return."""
-    real_apply = ResultStore.apply_outcomes
+    real_apply = ResultStore.apply_rows
     calls = 0
     both_failed = asyncio.Event()
 
@@ -442,7 +455,7 @@ async def test_wait_rides_through_two_writers_failing_at_once(
     ) as bi:
         await bi.migrate()
         batch = await finished(bi, emulator, 40)
-        monkeypatch.setattr(ResultStore, "apply_outcomes", restart_hits_both)
+        monkeypatch.setattr(ResultStore, "apply_rows", restart_hits_both)
         async with asyncio.timeout(30):
             done = await bi.wait(batch)
         assert calls > 2
