@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import uuid
 
+import orjson
+
 from batchinfer.domain import (
     ApplyReport,
     Batch,
@@ -19,6 +21,7 @@ from batchinfer.domain import (
     CompletionStatus,
     Pricer,
     ResultOutcome,
+    Usage,
 )
 from batchinfer.errors import (
     BatchInferError,
@@ -32,6 +35,7 @@ from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log
 from batchinfer.pricing import Pricing
 from batchinfer.providers.base import Provider
 from batchinfer.storage.results import ApplyResult
+from batchinfer.storage.rows import encode_outcome
 from batchinfer.storage.store import Store
 
 _YIELD_EVERY = 100
@@ -45,6 +49,36 @@ class _Tally:
     unknown: int = 0
     duplicates: int = 0
     malformed: int = 0
+
+
+class _Chunk:
+    """Outcomes encoded into one growing JSON array, with what logs and fallbacks need."""
+
+    __slots__ = ("buffer", "custom_ids", "ends", "line_nos")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(b"[")
+        self.ends: list[int] = []
+        self.custom_ids: list[str] = []
+        self.line_nos: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add(self, line_no: int, custom_id: str, row: bytes) -> None:
+        if self.ends:
+            self.buffer += b","
+        self.buffer += row
+        self.ends.append(len(self.buffer))
+        self.custom_ids.append(custom_id)
+        self.line_nos.append(line_no)
+
+    def document(self) -> str:
+        return (self.buffer + b"]").decode()
+
+    def row(self, index: int) -> bytes:
+        start = self.ends[index - 1] + 1 if index else 1
+        return bytes(self.buffer[start : self.ends[index]])
 
 
 class ResultsPass:
@@ -175,9 +209,8 @@ class ResultsPass:
 
     async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
         """Stream one file: parse in this task, write chunks from ``writers`` tasks."""
-        queue: asyncio.Queue[list[tuple[int, ResultOutcome]] | None] = asyncio.Queue(
-            maxsize=self.writers * 2
-        )
+        # As deep as there are writers: each has its next chunk ready, and no more is held.
+        queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=self.writers)
 
         async def writer() -> None:
             while (chunk := await queue.get()) is not None:
@@ -187,22 +220,24 @@ class ResultsPass:
                 if result.unknown:
                     unknown = set(result.unknown)
                     tally.unknown += len(unknown)
-                    for line_no, o in chunk:
-                        if o.custom_id in unknown:
+                    for line_no, custom_id in zip(chunk.line_nos, chunk.custom_ids, strict=True):
+                        if custom_id in unknown:
                             log(
                                 "result_unknown_custom_id",
                                 batch,
                                 level=logging.WARNING,
                                 file_id=file_id,
                                 line_no=line_no,
-                                custom_id=o.custom_id,
+                                custom_id=custom_id,
                             )
 
         adapter = self.providers.get(batch.provider)
         price = self.pricing.pricer(batch.provider, batch.model, adapter.batch_discount)
+        # The first price lookup loads the price table: not on the event loop, mid-file.
+        await asyncio.to_thread(price, batch.model, Usage(prompt_tokens=1, completion_tokens=1))
 
         async def producer() -> None:
-            chunk: list[tuple[int, ResultOutcome]] = []
+            chunk = _Chunk()
             async with adapter.open_file(file_id) as chunks:
                 async for line in iter_lines(chunks, max_line_bytes=self.max_line_bytes):
                     outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
@@ -220,14 +255,14 @@ class ResultsPass:
                         )
                         continue
                     seen.add(outcome.custom_id)
-                    chunk.append((line.line_no, outcome))
+                    chunk.add(line.line_no, outcome.custom_id, encode_outcome(outcome))
                     if len(chunk) >= self.chunk_size:
                         await queue.put(chunk)
-                        chunk = []
+                        chunk = _Chunk()
                     elif len(chunk) % _YIELD_EVERY == 0:
                         # Buffered reads do not suspend; let finished writes be picked up.
                         await asyncio.sleep(0)
-            if chunk:
+            if len(chunk):
                 await queue.put(chunk)
             for _ in range(self.writers):
                 await queue.put(None)
@@ -246,18 +281,21 @@ class ResultsPass:
                 raise first from first.__cause__
             raise
 
-    async def _write_chunk(
-        self, batch: Batch, file_id: str, chunk: list[tuple[int, ResultOutcome]]
-    ) -> ApplyResult:
+    async def _write_chunk(self, batch: Batch, file_id: str, chunk: _Chunk) -> ApplyResult:
         """One chunk in one statement; should the database refuse a value, row by row, so one
         bad result fails alone (logged with its line) instead of stopping the pass."""
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_outcomes(batch.id, [o for _, o in chunk])
+                self.store.results.apply_rows(batch.id, chunk.document(), chunk.custom_ids)
             )
         except DataRejectedError:
             pass
-        results = [await self._write_one(batch, file_id, line_no, o) for line_no, o in chunk]
+        results = [
+            await self._write_one(batch, file_id, line_no, custom_id, chunk.row(i))
+            for i, (line_no, custom_id) in enumerate(
+                zip(chunk.line_nos, chunk.custom_ids, strict=True)
+            )
+        ]
         return ApplyResult(
             applied=sum(r.applied for r in results),
             already_applied=[c for r in results for c in r.already_applied],
@@ -265,11 +303,11 @@ class ResultsPass:
         )
 
     async def _write_one(
-        self, batch: Batch, file_id: str, line_no: int, outcome: ResultOutcome
+        self, batch: Batch, file_id: str, line_no: int, custom_id: str, row: bytes
     ) -> ApplyResult:
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_outcomes(batch.id, [outcome])
+                self.store.results.apply_rows(batch.id, f"[{row.decode()}]", [custom_id])
             )
         except DataRejectedError as exc:
             log(
@@ -278,13 +316,14 @@ class ResultsPass:
                 level=logging.WARNING,
                 file_id=file_id,
                 line_no=line_no,
-                custom_id=outcome.custom_id,
+                custom_id=custom_id,
                 error=str(exc),
             )
+            status_code = orjson.loads(row).get("status_code")
             failed = ResultOutcome(
-                custom_id=outcome.custom_id,
+                custom_id=custom_id,
                 status=CompletionStatus.FAILED,
-                status_code=outcome.status_code,
+                status_code=status_code if isinstance(status_code, int) else None,
                 failure_error="batchinfer could not store this result",
                 failure_reason=f"line {line_no} of file {file_id}: {exc}"[:255],
             )

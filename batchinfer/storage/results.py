@@ -41,6 +41,23 @@ class ResultStore:
         ``outcomes`` must hold each custom_id once. With ``completion_id`` the single outcome
         targets that row (the realtime path) instead of matching on custom_id.
         """
+        return await self.apply_rows(
+            batch_id,
+            outcome_rows(outcomes),
+            [o.custom_id for o in outcomes],
+            completion_id=completion_id,
+        )
+
+    async def apply_rows(
+        self,
+        batch_id: uuid.UUID | None,
+        document: str,
+        custom_ids: Sequence[str],
+        *,
+        completion_id: int | None = None,
+    ) -> ApplyResult:
+        """The same, for outcomes already encoded (``rows.encode_outcome``) into one JSON array
+        ``document`` whose rows are for ``custom_ids``, in order."""
         target = (
             "c.id = :completion_id"
             if completion_id is not None
@@ -80,14 +97,10 @@ class ResultStore:
             WHERE {target} AND c.status NOT IN ('completed', 'failed')
             RETURNING c.custom_id
         """)
-        params = {
-            "rows": outcome_rows(outcomes),
-            "batch_id": batch_id,
-            "completion_id": completion_id,
-        }
+        params = {"rows": document, "batch_id": batch_id, "completion_id": completion_id}
         async with self.db.tx(f"applying results to batch {batch_id}") as conn:
             done = {r[0] for r in await conn.execute(sql, params)}
-            missed = [o.custom_id for o in outcomes if o.custom_id not in done]
+            missed = [c for c in custom_ids if c not in done]
             known: set[str] = set()
             if missed and completion_id is None:
                 known = set(
@@ -168,29 +181,21 @@ class ResultStore:
                 )
             )
             swept += result.rowcount
-            sums = (
-                sa.select(
-                    sa.func.sum(completions.c.input_cost).label("i"),
-                    sa.func.sum(completions.c.output_cost).label("o"),
-                    sa.func.sum(completions.c.total_cost).label("t"),
-                )
-                .where(completions.c.batch_id == batch_id)
-                .subquery()
-            )
+            # One scan of the batch's rows for all three sums.
             row = (
                 await conn.execute(
-                    batches.update()
-                    .where(batches.c.id == batch_id)
-                    .values(
-                        input_cost=sa.select(sums.c.i).scalar_subquery(),
-                        output_cost=sa.select(sums.c.o).scalar_subquery(),
-                        total_cost=sa.select(sums.c.t).scalar_subquery(),
-                        results_applied_at=sa.func.coalesce(
-                            batches.c.results_applied_at, sa.func.now()
-                        ),
-                        updated_at=sa.func.now(),
-                    )
-                    .returning(batches)
+                    sa.text(f"""
+                        UPDATE {self.db.q}.batches AS b SET
+                            (input_cost, output_cost, total_cost) = (
+                                SELECT sum(input_cost), sum(output_cost), sum(total_cost)
+                                FROM {self.db.q}.completions WHERE batch_id = :b
+                            ),
+                            results_applied_at = coalesce(b.results_applied_at, now()),
+                            updated_at = now()
+                        WHERE b.id = :b
+                        RETURNING b.*
+                    """).columns(*batches.c),
+                    {"b": batch_id},
                 )
             ).one()
             await self.db.notify(conn, f"results {batch_id}")

@@ -63,35 +63,46 @@ def _jsonb(value: Any) -> sa.Cast[Any]:
     return sa.cast(sa.literal(dumps(value), sa.Text), JSONB)
 
 
+def encode_outcome(o: ResultOutcome) -> bytes:
+    """One outcome as the JSON object the apply statement reads: encoded as soon as a line is
+    parsed, so a queued chunk holds bytes, not a graph of objects for the collector to walk."""
+    row: dict[str, Any] = {
+        "custom_id": o.custom_id,
+        "status": o.status.value,
+        "status_code": o.status_code,
+        "provider_request_id": o.provider_request_id,
+        "failure_error": o.failure_error,
+        "failure_reason": o.failure_reason,
+    }
+    r = o.response
+    if r is not None:
+        u = r.usage
+        row["response_body"] = r.body
+        row["output_text"] = r.output_text
+        row["tool_calls"] = r.tool_calls
+        row["finish_reason"] = r.finish_reason
+        row["prompt_tokens"] = u.prompt_tokens
+        row["completion_tokens"] = u.completion_tokens
+        row["total_tokens"] = u.total_tokens
+        row["cached_tokens"] = u.cached_tokens
+        row["reasoning_tokens"] = u.reasoning_tokens
+    if o.costs is not None:
+        # Decimal as a JSON string: numeric parses it exactly, no float on the way.
+        row["input_cost"] = str(o.costs.input)
+        row["output_cost"] = str(o.costs.output)
+    encoded = orjson.dumps(row)
+    if b"\\u0000" in encoded:
+        encoded = _ENCODED_NUL.sub(r"\1\\ufffd", encoded.decode()).encode()
+    return encoded
+
+
 def outcome_rows(outcomes: Sequence[ResultOutcome]) -> str:
-    rows = []
-    for o in outcomes:
-        row: dict[str, Any] = {
-            "custom_id": o.custom_id,
-            "status": o.status.value,
-            "status_code": o.status_code,
-            "provider_request_id": o.provider_request_id,
-            "failure_error": o.failure_error,
-            "failure_reason": o.failure_reason,
-        }
-        r = o.response
-        if r is not None:
-            u = r.usage
-            row["response_body"] = r.body
-            row["output_text"] = r.output_text
-            row["tool_calls"] = r.tool_calls
-            row["finish_reason"] = r.finish_reason
-            row["prompt_tokens"] = u.prompt_tokens
-            row["completion_tokens"] = u.completion_tokens
-            row["total_tokens"] = u.total_tokens
-            row["cached_tokens"] = u.cached_tokens
-            row["reasoning_tokens"] = u.reasoning_tokens
-        if o.costs is not None:
-            # Decimal as a JSON string: numeric parses it exactly, no float on the way.
-            row["input_cost"] = str(o.costs.input)
-            row["output_cost"] = str(o.costs.output)
-        rows.append(row)
-    return dumps(rows) or "[]"
+    return rows_document([encode_outcome(o) for o in outcomes])
+
+
+def rows_document(rows: Sequence[bytes]) -> str:
+    """Encoded rows as one JSON array, the statement's single parameter."""
+    return (b"[" + b",".join(rows) + b"]").decode()
 
 
 def batch_from_row(row: sa.Row[Any]) -> Batch:

@@ -127,8 +127,8 @@ POINTS: dict[str, Point] = {
             (WORKER,),
         ),
         Point(
-            "apply_outcomes:after",
-            "results.apply_outcomes committed the N-th chunk: mid-apply",
+            "apply_rows:after",
+            "results.apply_rows committed the N-th chunk: mid-apply",
             _APPLYING,
         ),
         Point(
@@ -277,8 +277,8 @@ def install(killer: Killer, bi: BatchInfer, provider: OpenAIProvider) -> None:
         _wrap(killer, store.batches, "record_submission", point, before=False)
     elif point in ("record_status:before", "record_status:after"):
         _wrap(killer, store.batches, "record_status", point, before=point.endswith("before"))
-    elif point == "apply_outcomes:after":
-        _wrap(killer, store.results, "apply_outcomes", point, before=False)
+    elif point == "apply_rows:after":
+        _wrap(killer, store.results, "apply_rows", point, before=False)
     elif point in ("finish_results:before", "finish_results:after"):
         _wrap(killer, store.results, "finish_results", point, before=point.endswith("before"))
     elif point == "dispatch:after":

@@ -189,7 +189,7 @@ def params(seed: int, run: int) -> Params:
         for b in plans
     )
     most = {
-        "apply_outcomes:after": max(1, chunks),
+        "apply_rows:after": max(1, chunks),
         "dispatch:after": 2 * n,
     }.get(point, n)
     return Params(seed, run, flow, point, rng.randint(1, most), plans, rejected)
