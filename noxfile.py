@@ -50,6 +50,8 @@ def kill(session: nox.Session) -> None:
 
 @nox.session
 def benchmark(session: nox.Session) -> None:
-    """Throughput of applying results, against a baseline measured in the same run."""
+    """Throughput of create, submit and apply, with the floor and the baseline measured in the
+    same run: `nox -s benchmark -- --sizes 5000,50000,500000 --json out.json` (`--quick` for a
+    2,000-line smoke run; BATCHINFER_DATABASE_URL or --database, else an embedded Postgres)."""
     session.install("-e", ".[test]")
-    session.run("python", "benchmarks/apply_results.py", *session.posargs)
+    session.run("python", "-m", "benchmarks.run", *session.posargs)

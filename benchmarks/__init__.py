@@ -1,0 +1,3 @@
+"""The throughput benchmark: ``python -m benchmarks.run --help`` (see benchmarks/run.py)."""
+
+from __future__ import annotations
