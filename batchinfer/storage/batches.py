@@ -14,7 +14,7 @@ from batchinfer.domain import Batch, BatchStatus, CompletionStatus, NewRequest, 
 from batchinfer.errors import BatchNotFoundError, InvalidBatchError
 from batchinfer.storage.database import Database
 from batchinfer.storage.rows import batch_from_row, dumps, provider_values
-from batchinfer.storage.tables import Timestamp, batches, completions
+from batchinfer.storage.tables import Timestamp, batches
 
 _COPY_CHUNK = 5_000
 _COMPLETION_COLUMNS = ("batch_id", "custom_id", "line_no", "status", "request_body", "metadata")
@@ -191,7 +191,8 @@ class BatchStore:
         first_poll_in: float,
         now: datetime | None = None,
     ) -> Batch:
-        """Provider ids, status, timestamps and counts; children become ``submitted``."""
+        """Provider ids, status, timestamps and counts. Its completions read as ``submitted``
+        from now on (derived from the batch: their rows are not rewritten)."""
         async with self.db.tx(f"recording the submission of batch {batch_id}") as conn:
             row = (
                 await conn.execute(
@@ -215,17 +216,6 @@ class BatchStore:
                     f"batch {batch_id} was submitted by another caller meanwhile; provider "
                     f"batch {pb.id} is not recorded and should be cancelled"
                 )
-            await conn.execute(
-                completions.update()
-                .where(
-                    completions.c.batch_id == batch_id,
-                    completions.c.status == CompletionStatus.PENDING.value,
-                )
-                .values(
-                    status=CompletionStatus.SUBMITTED.value,
-                    started_at=sa.func.coalesce(completions.c.started_at, sa.func.now()),
-                )
-            )
             await self.db.notify(conn, f"submitted {batch_id}")
         return batch_from_row(row)
 

@@ -15,6 +15,32 @@ from batchinfer.storage.database import Database
 from batchinfer.storage.rows import completion_from_row
 from batchinfer.storage.tables import batches, completions
 
+# A completion's row stays "pending" when its batch is submitted: rewriting 50,000 rows to say
+# "submitted" took half of a submit (and as much WAL as the batch). Its batch says it instead.
+_OF_BATCH = completions.outerjoin(batches, batches.c.id == completions.c.batch_id)
+_STATUS: sa.ColumnElement[str] = sa.case(
+    (
+        sa.and_(
+            completions.c.status == CompletionStatus.PENDING.value,
+            batches.c.submitted_at.is_not(None),
+        ),
+        CompletionStatus.SUBMITTED.value,
+    ),
+    else_=completions.c.status,
+)
+_COLUMNS = [
+    _STATUS.label("status")
+    if c.name == "status"
+    else sa.func.coalesce(c, batches.c.submitted_at).label("started_at")
+    if c.name == "started_at"
+    else c
+    for c in completions.c
+]
+
+
+def _select() -> sa.Select[Any]:
+    return sa.select(*_COLUMNS).select_from(_OF_BATCH)
+
 
 class CompletionStore:
     def __init__(self, db: Database) -> None:
@@ -30,13 +56,13 @@ class CompletionStore:
         after = 0
         while True:
             query = (
-                sa.select(completions)
+                _select()
                 .where(completions.c.batch_id == batch_id, completions.c.line_no > after)
                 .order_by(completions.c.line_no)
                 .limit(page_size)
             )
             if status is not None:
-                query = query.where(completions.c.status == status.value)
+                query = query.where(_STATUS.op("=")(status.value))
             async with self.db.connect(f"reading the completions of batch {batch_id}") as conn:
                 rows = (await conn.execute(query)).all()
                 if not rows and after == 0:
@@ -55,9 +81,7 @@ class CompletionStore:
 
     async def get(self, completion_id: int) -> Completion:
         async with self.db.connect(f"reading completion {completion_id}") as conn:
-            row = (
-                await conn.execute(sa.select(completions).where(completions.c.id == completion_id))
-            ).one()
+            row = (await conn.execute(_select().where(completions.c.id == completion_id))).one()
         return completion_from_row(row)
 
     async def create_live(
@@ -88,15 +112,16 @@ class CompletionStore:
         c = completions.c
         query = (
             sa.select(
-                c.status,
+                _STATUS,
                 sa.func.count(),
                 sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.cached_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.reasoning_tokens), 0),
             )
+            .select_from(_OF_BATCH)
             .where(c.batch_id == batch_id)
-            .group_by(c.status)
+            .group_by(_STATUS)
         )
         async with self.db.connect(f"summarising batch {batch_id}") as conn:
             rows = (await conn.execute(query)).all()

@@ -57,7 +57,10 @@ class ResultStore:
         completion_id: int | None = None,
     ) -> ApplyResult:
         """The same, for outcomes already encoded (``rows.encode_outcome``) into one JSON array
-        ``document`` whose rows are for ``custom_ids``, in order."""
+        ``document`` whose rows are for ``custom_ids``, in order.
+
+        A batch's rows keep ``started_at`` empty: they started with their batch, which says
+        when (see ``completions.py``)."""
         target = (
             "c.id = :completion_id"
             if completion_id is not None
@@ -85,7 +88,6 @@ class ResultStore:
                 total_cost = v.input_cost + v.output_cost,
                 failure_error = v.failure_error,
                 failure_reason = v.failure_reason,
-                started_at = coalesce(c.started_at, now()),
                 completed_at = now()
             FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
                 custom_id text, status text, response_body jsonb, output_text text,
@@ -176,7 +178,6 @@ class ResultStore:
                     status=CompletionStatus.FAILED.value,
                     failure_error=failure_error,
                     failure_reason=failure_reason[:255],
-                    started_at=sa.func.coalesce(completions.c.started_at, sa.func.now()),
                     completed_at=sa.func.now(),
                 )
             )
