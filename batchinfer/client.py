@@ -80,11 +80,14 @@ class BatchInfer:
         delete_input_files: bool = True,
         delete_result_files: bool = False,
         max_result_line_bytes: int = 64 * 1024 * 1024,
+        max_concurrent_results: int = 2,
     ) -> None:
         if apply_writers < 1 or apply_chunk_size < 1:
             raise ValueError("apply_writers and apply_chunk_size must be at least 1")
         if max_result_line_bytes < 1024:
             raise ValueError("max_result_line_bytes must be at least 1024")
+        if max_concurrent_results < 1:
+            raise ValueError("max_concurrent_results must be at least 1")
         if claim_seconds < 1:
             raise ValueError("claim_seconds must be at least 1")
         if isinstance(database, AsyncEngine):
@@ -129,6 +132,7 @@ class BatchInfer:
             delete_input_files=delete_input_files,
             delete_result_files=delete_result_files,
             max_line_bytes=max_result_line_bytes,
+            max_concurrent=max_concurrent_results,
         )
         self._live = LiveCaller(self._store, self._providers, pricing)
         self._handlers = Handlers()

@@ -3,6 +3,7 @@ deleted once their results are in."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -221,3 +222,37 @@ async def test_a_result_line_over_the_limit_is_skipped_and_named(
         for r in caplog.records
     )
     assert done.results_applied_at is not None
+
+
+async def test_result_passes_beyond_the_limit_wait_their_turn(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(
+        engine, providers=[provider], schema=schema, max_concurrent_results=1, poll_interval=0
+    ) as bi:
+        await bi.migrate()
+        first, second = [
+            await bi.submit_batch(
+                await bi.create_batch(
+                    provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(3)
+                )
+            )
+            for _ in range(2)
+        ]
+        for b in (first, second):
+            await emulator.finish(b.provider_batch_id or "")
+            await bi.fetch_batch_status(b)
+        first = await bi.get_batch(first)
+        emulator.slow("GET", f"/files/{first.output_file_id}/content", 0.5)
+        one, two = await asyncio.gather(
+            bi.fetch_batch_results(first), bi.fetch_batch_results(second)
+        )
+    assert one.results_applied_at is not None
+    assert two.results_applied_at is not None
+    assert one.results_applied_at < two.results_applied_at  # one pass at a time
+
+
+def test_the_limit_of_result_passes_is_checked(engine: AsyncEngine) -> None:
+    with pytest.raises(ValueError, match="max_concurrent_results"):
+        BatchInfer(engine, providers=[], max_concurrent_results=0)

@@ -95,6 +95,7 @@ class ResultsPass:
         delete_input_files: bool = True,
         delete_result_files: bool = False,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_concurrent: int = 2,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -106,17 +107,23 @@ class ResultsPass:
         #: Memory stays bounded whatever the file: a longer line is skipped, counted as
         #: malformed and logged with its number, and its completion swept as missing.
         self.max_line_bytes = max_line_bytes
+        self._turns = asyncio.Semaphore(max_concurrent)
 
     async def run(
         self, batch_id: uuid.UUID, *, force: bool = False
     ) -> tuple[Batch, ApplyReport | None]:
-        """The batch with its results applied, and what this pass did (None: already done)."""
-        for _ in range(_FILE_ID_CHANGES):
-            try:
-                return await self._once(batch_id, force=force)
-            except _FilesChanged:
-                # A poll recorded a file id while we applied; apply again (idempotent).
-                continue
+        """The batch with its results applied, and what this pass did (None: already done).
+
+        At most ``max_concurrent`` passes run at once in this process (the others wait their
+        turn), so memory is bounded by that limit, not by how many batches end together.
+        """
+        async with self._turns:
+            for _ in range(_FILE_ID_CHANGES):
+                try:
+                    return await self._once(batch_id, force=force)
+                except _FilesChanged:
+                    # A poll recorded a file id while we applied; apply again (idempotent).
+                    continue
         raise ResultsNotReadyError(
             f"batch {batch_id}: the provider's result file ids kept changing while they were "
             "applied; fetch the results again later"
