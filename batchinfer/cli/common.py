@@ -40,6 +40,28 @@ class CliError(Exception):
         self.code = code
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a number more than 0 (seconds, hours)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not more than 0")
+    return value
+
+
 def say(text: str) -> None:
     """Progress and reports go to stderr, so stdout stays clean for what a command outputs."""
     print(text, file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ from batchinfer.cli.common import (
     provider_from,
     say,
     usd,
+    whole_number,
     write_results,
 )
 from batchinfer.domain import Batch, BatchStatus
@@ -44,7 +45,7 @@ def add_parsers(commands: Any) -> None:
         "--status", choices=[s.value for s in BatchStatus], help="only batches in this status"
     )
     ls.add_argument(
-        "--limit", type=_positive_int, default=20, metavar="N", help="how many (default 20)"
+        "--limit", type=whole_number, default=20, metavar="N", help="how many (default 20)"
     )
     add_database_flags(ls)
     ls.set_defaults(handler=ls_command)
@@ -84,16 +85,6 @@ def add_parsers(commands: Any) -> None:
     )
     add_database_flags(results)
     results.set_defaults(handler=results_command)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 # -- ls ----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from batchinfer.cli.common import (
     check_writable,
     counts_text,
     open_batchinfer,
+    positive_number,
     provider_from,
     say,
     usd,
@@ -58,7 +59,7 @@ def add_parser(commands: Any) -> None:
     add_database_flags(parser)
     parser.add_argument(
         "--poll-interval",
-        type=_positive_seconds,
+        type=positive_number,
         default=30.0,
         metavar="SECONDS",
         help="how often to ask the provider (default 30)",
@@ -76,16 +77,6 @@ def add_parser(commands: Any) -> None:
         help="start a new batch even if an earlier run of the same file exists",
     )
     parser.set_defaults(handler=run_command)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
-    return value
 
 
 @dataclass(frozen=True)

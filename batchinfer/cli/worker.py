@@ -20,7 +20,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from batchinfer.cli.common import DATABASE_ENV, CliError, add_provider_flags, provider_from, say
+from batchinfer.cli.common import (
+    DATABASE_ENV,
+    CliError,
+    add_provider_flags,
+    positive_number,
+    provider_from,
+    say,
+    whole_number,
+)
 from batchinfer.client import BatchInfer
 from batchinfer.errors import SchemaNotReadyError
 from batchinfer.providers.openai import OpenAIProvider
@@ -70,7 +78,7 @@ def add_parser(commands: Any) -> None:
     )
     work.add_argument(
         "--concurrency",
-        type=_at_least_one,
+        type=whole_number,
         default=4,
         metavar="N",
         help="batches driven at once (default 4)",
@@ -93,7 +101,7 @@ def add_parser(commands: Any) -> None:
     )
     work.add_argument(
         "--max-age-hours",
-        type=_positive,
+        type=positive_number,
         default=26.0,
         metavar="HOURS",
         help="cancel a batch still running this long after submission and end it as expired "
@@ -101,7 +109,7 @@ def add_parser(commands: Any) -> None:
     )
     work.add_argument(
         "--idle-seconds",
-        type=_positive,
+        type=positive_number,
         default=5.0,
         metavar="SECONDS",
         help="how often an idle worker looks for due work besides being woken (default 5)",
@@ -115,28 +123,8 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(handler=worker_command)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text} is not more than 0")
-    return value
-
-
 def _lease(text: str) -> float:
-    value = _positive(text)
+    value = positive_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError("a lease lasts at least 1 second")
     return value
@@ -144,7 +132,7 @@ def _lease(text: str) -> float:
 
 def _schedule(text: str) -> tuple[float, ...]:
     try:
-        return tuple(_positive(part.strip()) for part in text.split(","))
+        return tuple(positive_number(part.strip()) for part in text.split(","))
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(
             f"{text!r}: {exc}; expected seconds separated by commas, such as 60,120,300"
