@@ -41,7 +41,8 @@ Clock = Callable[[], datetime]
 #: The reference design's schedule: 1, 2, 5, 10 and 30 minutes, then every 30 minutes.
 DEFAULT_POLL_SCHEDULE = (60.0, 120.0, 300.0, 600.0, 1800.0)
 _UNKNOWN_HANDLER_CHECK = 60.0
-#: How long a batch past its maximum age may stay ``cancelling`` before it is ended here.
+#: How long a batch past its maximum age may stay ``cancelling`` before it is ended here, and
+#: how long an ended batch's promised files may lag before what is there is applied.
 _CANCEL_GRACE = 3600.0
 
 
@@ -296,43 +297,44 @@ class Worker:
                 )
                 if not batch.is_terminal:
                     return batch
-            elif not batch.is_terminal and self._too_old(batch, now):
-                # A cancel the provider accepted gets a grace period to end, so what it
-                # finished can be collected; past it, the batch ends here regardless.
-                grace = self._too_old(batch, now, grace=_CANCEL_GRACE)
-                if batch.status is BatchStatus.CANCELLING and not grace:
-                    batch = await self.status.refresh(
-                        batch.id, poll_delays=self.options.poll_schedule, now=now
-                    )
-                else:
-                    batch = await self.status.expire(
-                        batch.id,
-                        reason=f"expired by batchinfer: still {batch.status.value} "
-                        f"{self.options.max_age_seconds / 3600:g} h after submission",
-                        wait_for_cancel=not grace,
-                    )
-                    if batch.is_terminal:
-                        batch, _ = await self.results.run(batch.id, force=True)
-                    else:
+            else:
+                # The provider is asked first: a batch that ended meanwhile keeps its results,
+                # however old. A terminal one whose results could not be applied yet is polled
+                # too: a lagging file id may still arrive.
+                batch = await self.status.refresh(
+                    batch.id, poll_delays=self.options.poll_schedule, now=now
+                )
+                if not batch.is_terminal and self._too_old(batch, now):
+                    # A cancel the provider accepted gets a grace period to end, so what it
+                    # finished can be collected; past it, the batch ends here regardless.
+                    grace = self._too_old(batch, now, grace=_CANCEL_GRACE)
+                    if batch.status is not BatchStatus.CANCELLING or grace:
+                        batch = await self.status.expire(
+                            batch.id,
+                            reason=f"expired by batchinfer: still {batch.status.value} "
+                            f"{self.options.max_age_seconds / 3600:g} h after submission",
+                            wait_for_cancel=not grace,
+                        )
+                    if not batch.is_terminal:
                         await self.store.batches.reschedule(
                             batch.id, seconds=self.options.poll_schedule[0], now=now
                         )
                         return batch
-            else:
-                # A terminal batch whose results could not be applied yet is polled too: a
-                # lagging file id may still arrive.
-                batch = await self.status.refresh(
-                    batch.id, poll_delays=self.options.poll_schedule, now=now
-                )
+                    batch, _ = await self.results.run(batch.id, force=True)
             if batch.is_terminal and batch.results_applied_at is None:
                 try:
                     batch, _ = await self.results.run(batch.id)
                 except ResultsNotReadyError as exc:
-                    log("results_not_ready", batch, reason=str(exc))
-                    await self.store.batches.reschedule(
-                        batch.id, seconds=self.options.poll_schedule[0], now=now
-                    )
-                    return batch
+                    if not self._ended_long_ago(batch, now):
+                        log("results_not_ready", batch, reason=str(exc))
+                        await self.store.batches.reschedule(
+                            batch.id, seconds=self.options.poll_schedule[0], now=now
+                        )
+                        return batch
+                    # The files the counts promised never came: what is there is applied and
+                    # the rest failed, rather than the batch waiting for ever.
+                    log("results_forced", batch, level=logging.WARNING, reason=str(exc))
+                    batch, _ = await self.results.run(batch.id, force=True)
         if batch.results_applied_at is not None:
             batch = await self.results.delete_files(batch)
         if (
@@ -343,6 +345,12 @@ class Worker:
         ):
             batch = await self.dispatcher.dispatch(batch, now=now)
         return batch
+
+    def _ended_long_ago(self, batch: Batch, now: datetime | None) -> bool:
+        if batch.ended_at is None:
+            return False
+        current = now or datetime.now(batch.ended_at.tzinfo)
+        return current - batch.ended_at > timedelta(seconds=_CANCEL_GRACE)
 
     def _too_old(self, batch: Batch, now: datetime | None, *, grace: float = 0) -> bool:
         if batch.submitted_at is None:

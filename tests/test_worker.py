@@ -613,3 +613,39 @@ async def test_wait_rides_through_the_provider_not_yet_seeing_a_new_batch(
     async with asyncio.timeout(20):
         done = await bi.wait(batch, on_poll=advance)
     assert done.results_applied_at is not None
+
+
+async def test_a_batch_that_ended_while_nobody_looked_keeps_its_results_however_old(
+    bi: BatchInfer, emulator: Emulator, clock: FakeClock
+) -> None:
+    batch = await create(bi, 4)
+    worker = bi.worker(clock=clock, max_age_seconds=3600)
+    await worker.run_once()
+    await emulator.finish((await bi.get_batch(batch)).provider_batch_id or "")
+    clock.advance(27 * 3600)  # no worker ran for a day
+    await worker.run_once()
+    done = await bi.get_batch(batch)
+    assert done.status is BatchStatus.COMPLETED
+    assert {c.status async for c in bi.completions(done)} == {CompletionStatus.COMPLETED}
+
+
+async def test_files_that_never_come_are_given_up_on_an_hour_after_the_end(
+    bi: BatchInfer, emulator: Emulator, clock: FakeClock
+) -> None:
+    batch = await create(bi, 3)
+    worker = bi.worker(clock=clock, poll_schedule=(60,))
+    await worker.run_once()
+    pbid = (await bi.get_batch(batch)).provider_batch_id or ""
+    emulator.delay_output_file(pbid, polls=10**6)
+    await emulator.finish(pbid)
+    clock.advance(60)
+    await worker.run_once()
+    waiting = await bi.get_batch(batch)
+    assert waiting.status is BatchStatus.COMPLETED
+    assert waiting.results_applied_at is None  # the counts promise a file: wait for it
+    assert waiting.ended_at is not None
+    clock.advance((waiting.ended_at - clock()).total_seconds() + 3601)
+    await worker.run_once()
+    done = await bi.get_batch(batch)
+    assert done.results_applied_at is not None
+    assert {c.status async for c in bi.completions(done)} == {CompletionStatus.FAILED}

@@ -101,11 +101,17 @@ class StatusKeeper:
             try:
                 pb = await adapter.cancel_batch(provider_batch_id)
                 batch = await self.store.batches.record_status(batch.id, pb)
+            except BatchInferError as exc:
+                # Best effort (it may have ended first: a 409); what it says now decides.
+                log("expire_cancel_failed", batch, level=logging.WARNING, error=str(exc))
+            try:
                 pb = await adapter.retrieve_batch(provider_batch_id)
                 batch = await self.store.batches.record_status(batch.id, pb)
             except BatchInferError as exc:
-                # Best effort: whatever the provider says, the batch ends here.
-                log("expire_cancel_failed", batch, level=logging.WARNING, error=str(exc))
+                log("expire_retrieve_failed", batch, level=logging.WARNING, error=str(exc))
+                if wait_for_cancel:
+                    # Not knowing whether it ended (with paid results), end nothing yet.
+                    return batch
             if wait_for_cancel and batch.status is BatchStatus.CANCELLING:
                 log("batch_expiring", batch, status=batch.status.value, reason=reason)
                 return batch
