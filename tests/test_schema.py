@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -108,3 +109,36 @@ async def test_wide_columns_use_lz4_where_the_server_has_it(
         )
     expected = "l" if has_lz4 else ""
     assert methods == {"request_body": expected, "response_body": expected}
+
+
+async def test_upgrading_leaves_batches_finished_before_alone(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    from batchinfer.storage.database import Database
+    from batchinfer.storage.schema import migrate
+
+    await migrate(Database(engine, schema=schema), revision="0001")
+    async with engine.begin() as conn:  # a batch applied by the version before workers
+        await conn.execute(
+            sa.text(
+                f'INSERT INTO "{schema}".batches (id, provider, endpoint, model, status, '
+                "request_total, input_bytes, results_applied_at) VALUES (gen_random_uuid(), "
+                "'openai', '/v1/chat/completions', 'm', 'completed', 0, 0, now())"
+            )
+        )
+    async with _client(engine, schema, emulator) as bi:
+        await bi.migrate()
+        (old,) = await bi.list_batches()
+        handled: list[object] = []
+        bi.on_batch_end(lambda_free_append(handled))
+        assert await bi.worker().run_once() == 0  # its handlers are not due
+    assert old.handler_dispatched_at == old.results_applied_at
+    assert old.files_deleted_at == old.results_applied_at
+    assert handled == []
+
+
+def lambda_free_append(into: list[object]) -> Any:
+    async def record(batch: object) -> None:
+        into.append(batch)
+
+    return record

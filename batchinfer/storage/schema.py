@@ -10,8 +10,10 @@ import sqlalchemy as sa
 from batchinfer.storage.database import Database, wrap_db_errors
 
 
-async def migrate(db: Database) -> None:
-    """Create the schema and tables, or upgrade them; safe to call from many processes."""
+async def migrate(db: Database, *, revision: str = "head") -> None:
+    """Create the schema and tables, or upgrade them; safe to call from many processes.
+
+    ``revision`` stops at an older version (tests of the upgrades themselves)."""
     lock_key = int.from_bytes(hashlib.sha256(db.schema.encode()).digest()[:8], "big") >> 1
     with wrap_db_errors("migrating the schema"):
         async with db.engine.connect() as conn:
@@ -28,7 +30,7 @@ async def migrate(db: Database) -> None:
                 if exists is None:  # CREATE SCHEMA needs a right the app may not have
                     await conn.execute(sa.text(f"CREATE SCHEMA {db.q}"))
                 await conn.commit()
-                await conn.run_sync(_upgrade, db)
+                await conn.run_sync(_upgrade, db, revision)
                 await conn.commit()
             except BaseException:
                 await conn.invalidate()
@@ -37,11 +39,11 @@ async def migrate(db: Database) -> None:
             await conn.commit()
 
 
-def _upgrade(sync_conn: sa.Connection, db: Database) -> None:
+def _upgrade(sync_conn: sa.Connection, db: Database, revision: str) -> None:
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     config.attributes.update(connection=sync_conn, schema=db.schema, schema_quoted=db.q)
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)

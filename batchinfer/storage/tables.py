@@ -112,7 +112,10 @@ batches = Table(
     Index(
         "ix_batches_open",
         "next_poll_at",
-        postgresql_where=text("results_applied_at IS NULL"),
+        postgresql_where=text(
+            "results_applied_at IS NULL "
+            "AND (provider_batch_id IS NOT NULL OR submit_requested_at IS NOT NULL)"
+        ),
     ),
     Index(
         "ix_batches_handlers_due",

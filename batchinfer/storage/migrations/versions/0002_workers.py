@@ -38,6 +38,18 @@ def upgrade() -> None:
             ADD COLUMN handler_dispatched_at timestamptz,
             ADD COLUMN handler_gave_up_at timestamptz
     """)
+    # Batches whose results were applied before workers existed are not handlers' business.
+    op.execute(f"""
+        UPDATE {s}.batches SET handler_dispatched_at = results_applied_at
+        WHERE results_applied_at IS NOT NULL
+    """)
+    # Only what a worker may take: a pending batch nobody asked to submit is not scanned.
+    op.execute(f"DROP INDEX {s}.ix_batches_open")
+    op.execute(f"""
+        CREATE INDEX ix_batches_open ON {s}.batches (next_poll_at)
+        WHERE results_applied_at IS NULL
+            AND (provider_batch_id IS NOT NULL OR submit_requested_at IS NOT NULL)
+    """)
     op.execute(f"""
         CREATE INDEX ix_batches_handlers_due ON {s}.batches (handler_next_at)
         WHERE results_applied_at IS NOT NULL AND handler_dispatched_at IS NULL
@@ -61,6 +73,11 @@ def downgrade() -> None:
     op.execute(f"DROP TABLE {s}.workers")
     op.execute(f"DROP INDEX {s}.ix_batches_metadata")
     op.execute(f"DROP INDEX {s}.ix_batches_handlers_due")
+    op.execute(f"DROP INDEX {s}.ix_batches_open")
+    op.execute(
+        f"CREATE INDEX ix_batches_open ON {s}.batches (next_poll_at) "
+        "WHERE results_applied_at IS NULL"
+    )
     op.execute(f"""
         ALTER TABLE {s}.batches
             ADD COLUMN submit_lease_until timestamptz,

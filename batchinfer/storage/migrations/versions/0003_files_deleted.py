@@ -24,6 +24,11 @@ def upgrade() -> None:
     # A process that dies between applying results and deleting the files leaves this NULL,
     # so the deletion is done by whoever looks at the batch next.
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN files_deleted_at timestamptz")
+    # Batches finished before this version keep their files: deleting them is not expected.
+    op.execute(f"""
+        UPDATE {s}.batches SET files_deleted_at = results_applied_at
+        WHERE results_applied_at IS NOT NULL
+    """)
     op.execute(f"""
         DO $$
         BEGIN
