@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -257,7 +257,7 @@ async def test_a_stuck_batch_is_expired_after_its_maximum_age(
     bi: BatchInfer, emulator: Emulator, clock: FakeClock
 ) -> None:
     handled: list[Batch] = []
-    bi.on_batch_end(lambda b: _append(handled, b))
+    bi.on_batch_end(recorder(handled))
     batch = await create(bi, 4)
     worker = bi.worker(clock=clock, max_age_seconds=3600, poll_schedule=(600,))
     await worker.run_once()
@@ -540,8 +540,11 @@ def test_worker_options_are_checked(bi: BatchInfer) -> None:
             bi.worker(**bad)  # type: ignore[arg-type]
 
 
-async def _append(into: list[Batch], batch: Batch) -> None:
-    into.append(batch)
+def recorder(into: list[Batch]) -> Callable[[Batch], Awaitable[None]]:
+    async def record(batch: Batch) -> None:
+        into.append(batch)
+
+    return record
 
 
 # The killed connections' sockets are reported when collected, at no moment a test controls.
@@ -554,7 +557,7 @@ async def test_a_worker_rides_through_its_connections_being_killed(
         async with BatchInfer(database_url, providers=[provider], schema=schema) as bi:
             await bi.migrate()
             handled: list[Batch] = []
-            bi.on_batch_end(lambda b: _append(handled, b))
+            bi.on_batch_end(recorder(handled))
             batch = await create(bi, 5)
             run = asyncio.create_task(
                 bi.worker(poll_schedule=(0.05,), idle_seconds=0.05, lease_seconds=2).run()
@@ -649,3 +652,11 @@ async def test_files_that_never_come_are_given_up_on_an_hour_after_the_end(
     done = await bi.get_batch(batch)
     assert done.results_applied_at is not None
     assert {c.status async for c in bi.completions(done)} == {CompletionStatus.FAILED}
+
+
+def test_unnamed_handlers_need_a_stable_name_of_their_own(bi: BatchInfer) -> None:
+    with pytest.raises(TypeError, match="no stable name"):
+        bi.on_batch_end(lambda batch: recorder([])(batch))
+    bi.on_batch_end(recorder([]))
+    with pytest.raises(ValueError, match="already registered"):
+        bi.on_batch_end(recorder([]))  # another function from the same factory

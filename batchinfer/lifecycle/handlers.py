@@ -68,7 +68,19 @@ class Handlers:
             key = f"name:{name}"
             self.named[name] = Registered(key, fn, len(params) == 2)
         else:
-            key = f"fn:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            # Its record must name it the same in every process and after every restart.
+            qualname = getattr(fn, "__qualname__", None)
+            if not isinstance(qualname, str) or "<lambda>" in qualname:
+                raise TypeError(
+                    f"handler {fn!r} has no stable name to record it by (a lambda, a partial, "
+                    "a callable object): define it with `async def`"
+                )
+            key = f"fn:{getattr(fn, '__module__', '?')}.{qualname}"
+            if key in self.unnamed and self.unnamed[key].fn is not fn:
+                raise ValueError(
+                    f"another handler is already registered as {key[3:]}; two handlers made by "
+                    "one factory share a name: give each its own `async def`"
+                )
             self.unnamed[key] = Registered(key, fn, len(params) == 2)
 
     def plan(self, batch: Batch) -> list[Registered] | None:
