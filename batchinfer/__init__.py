@@ -15,6 +15,7 @@ from batchinfer.domain import (
 )
 from batchinfer.errors import (
     AuthenticationError,
+    BatchBusyError,
     BatchInferError,
     BatchNotFoundError,
     ClosedError,
@@ -41,6 +42,7 @@ __all__ = [
     "ApplyReport",
     "AuthenticationError",
     "Batch",
+    "BatchBusyError",
     "BatchInfer",
     "BatchInferError",
     "BatchNotFoundError",

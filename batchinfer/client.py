@@ -24,6 +24,7 @@ from batchinfer.domain import (
     Stats,
 )
 from batchinfer.errors import (
+    BatchBusyError,
     ClosedError,
     InvalidBatchError,
     InvalidRequestError,
@@ -408,7 +409,7 @@ class BatchInfer:
         if batch.provider_batch_id is None:
             try:
                 batch = await self._submitter.submit(batch.id)
-            except InvalidBatchError:
+            except BatchBusyError:
                 # Someone else is submitting it right now; look again next time.
                 return await self._store.batches.get(batch.id)
         # A terminal batch is polled too: a lagging file id may still arrive.

@@ -5,6 +5,7 @@
     BatchInferError
     ├── InvalidRequestError      a request given to create_batch is unusable
     ├── InvalidBatchError        the verb does not apply to the batch in its current status
+    │   └── BatchBusyError       another caller holds the batch's claim right now: try later
     ├── BatchNotFoundError       no batch with that id in the database
     ├── ClosedError              the BatchInfer (or its worker) was closed; make a new one
     ├── ResultsNotReadyError     transient: the provider says done but its files are not there yet
@@ -49,6 +50,10 @@ class InvalidRequestError(BatchInferError, ValueError):
 
 class InvalidBatchError(BatchInferError):
     """The operation does not apply to the batch in its current status."""
+
+
+class BatchBusyError(InvalidBatchError):
+    """Another caller (a worker, or a submit elsewhere) is working on the batch right now."""
 
 
 class BatchNotFoundError(BatchInferError, LookupError):

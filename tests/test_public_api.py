@@ -17,6 +17,7 @@ EXPECTED_ALL = [
     "ApplyReport",
     "AuthenticationError",
     "Batch",
+    "BatchBusyError",
     "BatchInfer",
     "BatchInferError",
     "BatchNotFoundError",

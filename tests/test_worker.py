@@ -660,3 +660,13 @@ def test_unnamed_handlers_need_a_stable_name_of_their_own(bi: BatchInfer) -> Non
     bi.on_batch_end(recorder([]))
     with pytest.raises(ValueError, match="already registered"):
         bi.on_batch_end(recorder([]))  # another function from the same factory
+
+
+async def test_wait_reports_what_it_cannot_fix_instead_of_looping(
+    engine: AsyncEngine, schema: str, emulator: Emulator, bi: BatchInfer
+) -> None:
+    batch = await create(bi)  # on "openai"
+    other = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url, name="other")
+    async with BatchInfer(engine, providers=[other], schema=schema) as elsewhere:
+        with pytest.raises(InvalidBatchError, match="no provider named 'openai'"):
+            await asyncio.wait_for(elsewhere.wait(batch), 10)

@@ -7,13 +7,14 @@ re-attached instead of paying for a second one.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from batchinfer.domain import Batch, BatchStatus
-from batchinfer.errors import InvalidBatchError, ProviderError
+from batchinfer.errors import BatchBusyError, BatchInferError, InvalidBatchError, ProviderError
 from batchinfer.lifecycle.claims import holding
 from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log
 from batchinfer.providers.base import Provider
@@ -72,7 +73,7 @@ class Submitter:
         )
         if held_until is not None:
             submittable(await self.store.batches.get(batch_id))  # submitted meanwhile?
-            raise InvalidBatchError(
+            raise BatchBusyError(
                 f"batch {batch.id} is being submitted by another caller (its claim lasts until "
                 f"{held_until:%Y-%m-%d %H:%M:%S %Z} unless renewed); if that caller died, its "
                 f"claim lapses within {self.claim_seconds:g} s: submit again then"
@@ -131,14 +132,30 @@ class Submitter:
                 input_file_id=file_id, endpoint=batch.endpoint, metadata=tag
             )
         # Recording is what makes the money spent visible: finish it even if cancelled now.
-        batch = await finish_even_if_cancelled(
-            self.store.batches.record_submission(
-                batch.id,
-                pb,
-                first_poll_in=self.first_poll_in if first_poll_in is None else first_poll_in,
-                now=now,
+        try:
+            batch = await finish_even_if_cancelled(
+                self.store.batches.record_submission(
+                    batch.id,
+                    pb,
+                    first_poll_in=self.first_poll_in if first_poll_in is None else first_poll_in,
+                    now=now,
+                )
             )
-        )
+        except InvalidBatchError:
+            # Someone else's submission was recorded first (our claim had lapsed): this
+            # provider batch is a second one, paid for unless cancelled now.
+            try:
+                await adapter.cancel_batch(pb.id)
+                log("duplicate_cancelled", batch, level=logging.WARNING, provider_batch_id=pb.id)
+            except BatchInferError as exc:
+                log(
+                    "duplicate_not_cancelled",
+                    batch,
+                    level=logging.ERROR,
+                    provider_batch_id=pb.id,
+                    error=str(exc),
+                )
+            raise
         log("batch_submitted", batch, status=batch.status.value, requests=batch.request_total)
         return batch
 
