@@ -233,9 +233,16 @@ class BatchInfer:
         return (await self._status.refresh(_batch_id(batch))).status
 
     async def cancel_batch(self, batch: BatchRef) -> BatchStatus:
-        """Ask the provider to cancel; usually returns ``cancelling``."""
+        """Ask the provider to cancel; usually returns ``cancelling``. A batch created with
+        ``submit=True`` that no worker has submitted yet is cancelled here, at no cost."""
         self._check_open()
-        return (await self._status.cancel(_batch_id(batch))).status
+        batch_id = _batch_id(batch)
+        current = await self._store.batches.get(batch_id)
+        if current.provider_batch_id is None and current.submit_requested_at is not None:
+            await self._submitter.withdraw(batch_id)
+            done, _ = await self._results.run(batch_id, force=True)
+            return done.status
+        return (await self._status.cancel(batch_id)).status
 
     async def fetch_batch_results(self, batch: BatchRef, *, force: bool = False) -> Batch:
         """Apply the output and error files, fail what is in neither, and total the costs.

@@ -25,6 +25,7 @@ from batchinfer.errors import (
     BatchInferError,
     ClosedError,
     PermanentProviderError,
+    ProviderRejectedError,
     ResultsNotReadyError,
     SchemaNotReadyError,
 )
@@ -360,7 +361,23 @@ class Worker:
         return current - batch.submitted_at > age
 
     async def _failed(self, batch: Batch, exc: BaseException) -> None:
-        """Log it and look again later; one bad batch does not hold up the others."""
+        """Log it and look again later; one bad batch does not hold up the others. A submit
+        the provider refuses as sent (a 4xx other than auth) ends the batch ``failed``: the
+        same request would be refused again, and its waiters and handlers should know."""
+        if batch.provider_batch_id is None and isinstance(exc, ProviderRejectedError):
+            try:
+                ended = await self.store.batches.end_unsubmitted(
+                    batch.id,
+                    status=BatchStatus.FAILED,
+                    reason=f"the provider refused the submission: {exc}",
+                    owner=self.id,
+                )
+                if ended is not None:
+                    log("batch_refused", ended, level=logging.ERROR, error=str(exc))
+                    await self.results.run(batch.id, force=True)
+                    return
+            except BatchInferError as again:
+                log("worker_step_failed", batch, level=logging.WARNING, error=str(again))
         level = logging.ERROR if isinstance(exc, PermanentProviderError) else logging.WARNING
         delay = self.options.poll_schedule[0]
         log("worker_step_failed", batch, level=level, error=str(exc), retry_in=delay)

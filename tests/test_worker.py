@@ -670,3 +670,42 @@ async def test_wait_reports_what_it_cannot_fix_instead_of_looping(
     async with BatchInfer(engine, providers=[other], schema=schema) as elsewhere:
         with pytest.raises(InvalidBatchError, match="no provider named 'openai'"):
             await asyncio.wait_for(elsewhere.wait(batch), 10)
+
+
+async def test_a_queued_batch_is_cancelled_before_anyone_pays_for_it(
+    bi: BatchInfer, emulator: Emulator, clock: FakeClock
+) -> None:
+    batch = await create(bi, 3)
+    assert await bi.cancel_batch(batch) is BatchStatus.CANCELLED
+    assert await bi.worker(clock=clock).run_once() == 1  # its handlers, not a submit
+    done = await bi.wait(batch)
+    assert done.results_applied_at is not None
+    assert done.handler_dispatched_at is not None
+    assert emulator.requests == []
+    failed = [c async for c in bi.completions(done)]
+    assert {c.status for c in failed} == {CompletionStatus.FAILED}
+    assert all("cancelled before it was submitted" in (c.failure_reason or "") for c in failed)
+
+
+async def test_a_submit_the_provider_refuses_ends_the_batch_failed(
+    bi: BatchInfer, emulator: Emulator, clock: FakeClock
+) -> None:
+    handled: list[Batch] = []
+    bi.on_batch_end(recorder(handled))
+    emulator.fail_http(
+        "POST",
+        "/batches",
+        400,
+        times=None,
+        body={"error": {"message": "Model not available for batch.", "code": "invalid_model"}},
+    )
+    batch = await create(bi, 2)
+    worker = bi.worker(clock=clock)
+    await worker.run_once()
+    failed = await bi.get_batch(batch)
+    assert failed.status is BatchStatus.FAILED
+    assert "Model not available for batch." in (failed.failure_reason or "")
+    assert failed.results_applied_at is not None
+    await worker.run_once()
+    assert [b.id for b in handled] == [batch.id]
+    assert calls(emulator, "POST", "/v1/batches") == 1  # not tried again and again

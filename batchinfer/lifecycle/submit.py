@@ -81,6 +81,32 @@ class Submitter:
         async with holding(self.store.claims, batch.id, owner=owner, seconds=self.claim_seconds):
             return await self.submit_claimed(batch, adapter)
 
+    async def withdraw(self, batch_id: uuid.UUID) -> Batch:
+        """Cancel a batch queued for a worker (``submit=True``) before anyone submits it."""
+        batch = submittable(await self.store.batches.get(batch_id))
+        owner = f"cancel:{uuid.uuid4()}"
+        if await self.store.claims.claim_unsubmitted(
+            batch.id, owner=owner, seconds=self.claim_seconds
+        ):
+            submittable(await self.store.batches.get(batch_id))  # submitted meanwhile?
+            raise BatchBusyError(
+                f"batch {batch.id} is being submitted right now; cancel it again once it is "
+                "(the provider then cancels it)"
+            )
+        try:
+            ended = await self.store.batches.end_unsubmitted(
+                batch.id,
+                status=BatchStatus.CANCELLED,
+                reason="cancelled before it was submitted",
+                owner=owner,
+            )
+        finally:
+            await self.store.claims.release({batch.id}, owner=owner)
+        if ended is None:
+            raise BatchBusyError(f"batch {batch.id} was submitted meanwhile; cancel it again")
+        log("batch_withdrawn", ended, status=ended.status.value)
+        return ended
+
     async def submit_claimed(
         self,
         batch: Batch,

@@ -310,6 +310,30 @@ class BatchStore:
                 await self.db.notify(conn, f"status {batch_id}")
         return batch_from_row(row) if row is not None else await self.get(batch_id)
 
+    async def end_unsubmitted(
+        self, batch_id: uuid.UUID, *, status: BatchStatus, reason: str, owner: str
+    ) -> Batch | None:
+        """End a batch that was never submitted (withdrawn, or refused by the provider), if
+        ``owner`` holds its claim; None if it was submitted or claimed by someone else."""
+        async with self.db.tx(f"ending batch {batch_id} before submission") as conn:
+            row = (
+                await conn.execute(
+                    batches.update()
+                    .where(batches.c.id == batch_id, UNSUBMITTED, batches.c.claimed_by == owner)
+                    .values(
+                        status=status.value,
+                        ended_at=sa.func.now(),
+                        failure_reason=reason,
+                        submit_requested_at=None,
+                        updated_at=sa.func.now(),
+                    )
+                    .returning(batches)
+                )
+            ).one_or_none()
+            if row is not None:
+                await self.db.notify(conn, f"status {batch_id}")
+        return batch_from_row(row) if row is not None else None
+
     async def record_files_deleted(self, batch_id: uuid.UUID) -> Batch:
         async with self.db.tx(f"recording the files of batch {batch_id} as deleted") as conn:
             row = (
