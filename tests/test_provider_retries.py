@@ -256,3 +256,23 @@ async def test_result_passes_beyond_the_limit_wait_their_turn(
 def test_the_limit_of_result_passes_is_checked(engine: AsyncEngine) -> None:
     with pytest.raises(ValueError, match="max_concurrent_results"):
         BatchInfer(engine, providers=[], max_concurrent_results=0)
+
+
+async def test_a_worker_deletes_files_a_failed_delete_left(
+    bi: BatchInfer, emulator: Emulator
+) -> None:
+    from batchinfer.testing import FakeClock
+
+    clock = FakeClock()
+    emulator.fail_http("DELETE", "/files", 500, times=10)
+    done = await done_batch(bi, emulator)
+    worker = bi.worker(clock=clock)
+    await worker.run_once()  # handlers; the deletion is not due yet
+    assert done.input_file_id in emulator.files
+    emulator.clear_faults()
+    clock.advance(601)
+    assert await worker.run_once() == 1
+    assert done.input_file_id not in emulator.files
+    assert (await bi.get_batch(done)).files_deleted_at is not None
+    clock.advance(3600)
+    assert await worker.run_once() == 0  # nothing left to do for it

@@ -40,6 +40,8 @@ from batchinfer.storage.store import Store
 
 _YIELD_EVERY = 100
 _FILE_ID_CHANGES = 3
+#: Seconds before a worker tries again to delete files the provider would not delete.
+_DELETE_RETRY = 600.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -186,8 +188,8 @@ class ResultsPass:
 
     async def delete_files(self, batch: Batch) -> Batch:
         """The provider keeps files (and bills their storage) until deleted; once the results
-        are in our rows, ours are not needed there. Best effort: a failure is logged, and the
-        next look at the batch (a worker's, or another results pass) tries again."""
+        are in our rows, ours are not needed there. Best effort: a failure is logged, and a
+        worker tries again ten minutes later (as does any later results pass)."""
         if batch.files_deleted_at is not None or batch.results_applied_at is None:
             return batch
         wanted = [batch.input_file_id] if self.delete_input_files else []
@@ -195,7 +197,7 @@ class ResultsPass:
             wanted += [batch.output_file_id, batch.error_file_id]
         doomed = [f for f in wanted if f is not None]
         if not doomed:
-            return batch
+            return await self.store.batches.record_files_deleted(batch.id)  # nothing to do
         adapter = self.providers.get(batch.provider)
         failed = False
         for file_id in doomed:
@@ -212,7 +214,11 @@ class ResultsPass:
                 )
             else:
                 log("file_deleted", batch, level=logging.DEBUG, file_id=file_id)
-        return batch if failed else await self.store.batches.record_files_deleted(batch.id)
+        if failed:
+            # A worker tries again then; a results pass called meanwhile does too.
+            await self.store.batches.reschedule(batch.id, seconds=_DELETE_RETRY)
+            return batch
+        return await self.store.batches.record_files_deleted(batch.id)
 
     async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
         """Stream one file: parse in this task, write chunks from ``writers`` tasks."""

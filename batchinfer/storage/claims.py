@@ -74,8 +74,9 @@ class Claims:
         """Claim up to ``limit`` batches that need a worker now, soonest due first.
 
         Due: a batch created with ``submit=True`` and not yet submitted, an open batch whose
-        next poll time has come, and a batch whose results are applied but whose completion
-        handlers have not all returned (only when this worker knows its named handler).
+        next poll time has come, a batch whose results are applied but whose completion
+        handlers have not all returned (only when this worker knows its named handler), and
+        one whose files at the provider are still to be deleted.
         """
         b = batches.c
         open_due = sa.and_(
@@ -90,9 +91,16 @@ class Claims:
             sa.or_(b.handler_next_at.is_(None), b.handler_next_at <= at(now)),
             sa.or_(b.handler.is_(None), b.handler.in_(list(handlers))),
         )
+        # A deletion of the provider's files that failed is tried again (its due time is
+        # next_poll_at, pushed back after each failure).
+        files_due = sa.and_(
+            b.results_applied_at.is_not(None),
+            b.files_deleted_at.is_(None),
+            sa.or_(b.next_poll_at.is_(None), b.next_poll_at <= at(now)),
+        )
         due = (
             sa.select(b.id)
-            .where(_FREE, sa.or_(open_due, handlers_due))
+            .where(_FREE, sa.or_(open_due, handlers_due, files_due))
             .order_by(sa.func.coalesce(b.next_poll_at, b.handler_next_at, b.created_at))
             .limit(limit)
             .with_for_update(skip_locked=True)

@@ -126,6 +126,11 @@ batches = Table(
         ),
     ),
     Index("ix_batches_metadata", "metadata", postgresql_using="gin"),
+    Index(
+        "ix_batches_files_due",
+        "next_poll_at",
+        postgresql_where=text("results_applied_at IS NOT NULL AND files_deleted_at IS NULL"),
+    ),
 )
 
 #: Live workers, so wait() knows whether anyone else is driving batches.

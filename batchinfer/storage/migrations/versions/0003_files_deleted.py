@@ -30,6 +30,10 @@ def upgrade() -> None:
         WHERE results_applied_at IS NOT NULL
     """)
     op.execute(f"""
+        CREATE INDEX ix_batches_files_due ON {s}.batches (next_poll_at)
+        WHERE results_applied_at IS NOT NULL AND files_deleted_at IS NULL
+    """)
+    op.execute(f"""
         DO $$
         BEGIN
             IF EXISTS (
@@ -47,4 +51,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     s = _schema()
+    op.execute(f"DROP INDEX {s}.ix_batches_files_due")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN files_deleted_at")
