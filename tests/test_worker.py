@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
@@ -709,3 +710,28 @@ async def test_a_submit_the_provider_refuses_ends_the_batch_failed(
     await worker.run_once()
     assert [b.id for b in handled] == [batch.id]
     assert calls(emulator, "POST", "/v1/batches") == 1  # not tried again and again
+
+
+async def test_work_stops_when_its_claims_could_not_be_renewed_for_most_of_a_lease() -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from batchinfer.lifecycle import Leases
+    from batchinfer.storage.claims import Claims
+    from batchinfer.storage.database import Database
+
+    unreachable = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    leases = Leases(Claims(Database(unreachable)), owner="w", seconds=1.0)
+    work = asyncio.create_task(asyncio.sleep(30))
+    batch_id = uuid.uuid4()
+    leases.work[batch_id] = work
+    try:
+        await leases.renew_once()  # a third of the lease gone: keep going
+        assert not work.done()
+        await asyncio.sleep(0.6)
+        await leases.renew_once()  # most of it gone: others may take it over now
+        await asyncio.wait([work], timeout=5)
+        assert work.cancelled()
+        assert leases.lost == {batch_id}
+    finally:
+        work.cancel()
+        await unreachable.dispose()

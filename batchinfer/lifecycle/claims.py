@@ -29,6 +29,7 @@ class Leases:
         self.seconds = seconds
         self.work: dict[uuid.UUID, asyncio.Task[Any]] = {}
         self.lost: set[uuid.UUID] = set()
+        self._renewed: float | None = None
 
     async def renew_forever(self) -> None:
         while True:
@@ -37,7 +38,12 @@ class Leases:
 
     async def renew_once(self) -> None:
         ids = set(self.work)
+        loop = asyncio.get_running_loop()
+        if self._renewed is None:
+            # The first beat comes a third of a lease after the claims were taken.
+            self._renewed = loop.time() - self.seconds / 3
         if not ids:
+            self._renewed = loop.time()
             return
         try:
             held = await self.claims.renew(ids, owner=self.owner, seconds=self.seconds)
@@ -48,7 +54,12 @@ class Leases:
                 exc,
                 extra={"batchinfer.event": "lease_renewal_failed", "batchinfer.error": str(exc)},
             )
-            return
+            if loop.time() - self._renewed < 0.8 * self.seconds:
+                return
+            # Too long without a renewal: others may take these batches over any moment, so
+            # the work on them stops rather than, say, create a provider batch twice.
+            held = set()
+        self._renewed = loop.time()
         for batch_id in ids - held:
             task = self.work.get(batch_id)
             if task is not None and not task.done():
