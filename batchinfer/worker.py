@@ -11,6 +11,7 @@ worker killed anywhere leaves work that another picks up once the lease lapses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -130,6 +131,8 @@ class Worker:
         finally:
             renewer.cancel()
             await asyncio.wait([renewer])
+            if self._leases.work:  # cancelled before some drives began
+                await asyncio.shield(self._leases.release(set(self._leases.work)))
         return len(claimed)
 
     async def run(self) -> None:
@@ -208,14 +211,27 @@ class Worker:
         self._leases.work[batch.id] = task
 
     async def _claim(self, limit: int, exclude: set[uuid.UUID] | None = None) -> list[Batch]:
-        claimed = await self.store.claims.claim_due(
-            owner=self.id,
-            seconds=self.options.lease_seconds,
-            limit=limit,
-            handlers=list(self.handlers.named),
-            now=self._now(),
-            exclude=exclude or (),
+        taking = asyncio.ensure_future(
+            self.store.claims.claim_due(
+                owner=self.id,
+                seconds=self.options.lease_seconds,
+                limit=limit,
+                handlers=list(self.handlers.named),
+                now=self._now(),
+                exclude=exclude or (),
+            )
         )
+        try:
+            claimed = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # Stopped while the claims were being taken: once they are, give them back, or
+            # they would hold the batches from every other worker for a whole lease.
+            while not taking.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([taking])
+            if not taking.cancelled() and taking.exception() is None:
+                await asyncio.shield(self._leases.release({b.id for b in taking.result()}))
+            raise
         for batch in claimed:
             log("batch_claimed", batch, worker=self.id, status=batch.status.value)
         return claimed
@@ -242,6 +258,9 @@ class Worker:
 
     async def _retire_quietly(self) -> None:
         try:
+            # A drive task cancelled before it first ran never reached its own release.
+            await self.store.claims.release_all(owner=self.id)
+            self._leases.work.clear()
             await self.store.claims.retire(self.id)
         except BatchInferError as exc:
             log_event("worker_retire_failed", self.id, level=logging.WARNING, error=str(exc))

@@ -151,6 +151,15 @@ class Claims:
                 .values(claimed_by=None, claimed_until=None)
             )
 
+    async def release_all(self, *, owner: str) -> None:
+        """Every claim ``owner`` still holds (a stopping worker's, whatever it was doing)."""
+        async with self.db.tx("releasing claims") as conn:
+            await conn.execute(
+                batches.update()
+                .where(batches.c.claimed_by == owner)
+                .values(claimed_by=None, claimed_until=None)
+            )
+
     async def unknown_handlers(self, handlers: Collection[str], *, limit: int = 100) -> list[Batch]:
         """Batches waiting for a named handler that ``handlers`` does not include."""
         b = batches.c
