@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -24,25 +22,18 @@ from batchinfer.domain import (
     Stats,
 )
 from batchinfer.errors import (
-    BatchBusyError,
     ClosedError,
-    InvalidBatchError,
     InvalidRequestError,
-    ProviderRejectedError,
-    ResultsNotReadyError,
-    TransientProviderError,
-    TransientStorageError,
 )
 from batchinfer.lifecycle import LiveCaller, Providers, ResultsPass, StatusKeeper, Submitter
 from batchinfer.lifecycle.handlers import BatchHandler, Handlers
+from batchinfer.lifecycle.waiting import Waiter
 from batchinfer.pricing import Price, Pricing
 from batchinfer.providers.base import Provider
 from batchinfer.storage.listen import Listener
 from batchinfer.storage.store import Store
 from batchinfer.validation import Requests
 from batchinfer.worker import DEFAULT_POLL_SCHEDULE, Clock, Worker, WorkerOptions
-
-logger = logging.getLogger(__name__)
 
 BatchRef = Batch | uuid.UUID | str
 H = TypeVar("H", bound=BatchHandler)
@@ -138,8 +129,17 @@ class BatchInfer:
         self._live = LiveCaller(self._store, self._providers, pricing)
         self._handlers = Handlers()
         self._listener = Listener(self._store.db)
+        self._waiter = Waiter(
+            self._store,
+            self._listener,
+            submitter=self._submitter,
+            status=self._status,
+            results=self._results,
+            sleep=sleep,
+            on_report=self._remember_report,
+            check_open=self._check_open,
+        )
         self.poll_interval = poll_interval
-        self._sleep = sleep
         self._closed = False
         self._last_report: ApplyReport | None = None
 
@@ -178,6 +178,9 @@ class BatchInfer:
                 "this BatchInfer was closed (aclose() or the end of its `async with`); "
                 "make a new one"
             )
+
+    def _remember_report(self, report: ApplyReport) -> None:
+        self._last_report = report
 
     @property
     def last_apply_report(self) -> ApplyReport | None:
@@ -360,75 +363,8 @@ class BatchInfer:
         the call in ``asyncio.timeout()``; the batch goes on.
         """
         self._check_open()
-        batch_id = _batch_id(batch)
         interval = self.poll_interval if poll_interval is None else poll_interval
-        while True:
-            self._check_open()
-            try:
-                async with self._listener.subscribe(str(batch_id)) as woken:
-                    current = await self._store.batches.get(batch_id)
-                    if current.is_done:
-                        return current
-                    _check_will_be_submitted(current)
-                    if await self._store.claims.workers_alive():
-                        await _call(on_poll, current)
-                        # Woken by a notification, or re-check in case one was missed.
-                        await _wait_event(woken, max(interval, 1.0))
-                        continue
-                current = await self._drive(current)
-            except ProviderRejectedError as exc:
-                # A batch or file created moments ago may not be visible everywhere yet.
-                if exc.status != 404 or not _recent(current):
-                    raise
-                logger.warning(
-                    "batchinfer.wait_step_failed batch %s: %s (just created: trying again)",
-                    batch_id,
-                    exc,
-                    extra={
-                        "batchinfer.event": "wait_step_failed",
-                        "batchinfer.batch_id": str(batch_id),
-                        "batchinfer.error": str(exc),
-                    },
-                )
-                await self._sleep(max(interval, 1.0))
-                continue
-            except (TransientProviderError, TransientStorageError) as exc:
-                # A batch runs for hours; one failed step (already retried) is not the end.
-                logger.warning(
-                    "batchinfer.wait_step_failed batch %s: %s",
-                    batch_id,
-                    exc,
-                    extra={
-                        "batchinfer.event": "wait_step_failed",
-                        "batchinfer.batch_id": str(batch_id),
-                        "batchinfer.error": str(exc),
-                    },
-                )
-                await self._sleep(interval)
-                continue
-            await _call(on_poll, current)
-            if current.is_done:
-                return current
-            await self._sleep(interval)
-
-    async def _drive(self, batch: Batch) -> Batch:
-        """One step of a batch nobody else drives: submit, poll, or apply its results."""
-        if batch.provider_batch_id is None:
-            try:
-                batch = await self._submitter.submit(batch.id)
-            except BatchBusyError:
-                # Someone else is submitting it right now; look again next time.
-                return await self._store.batches.get(batch.id)
-        # A terminal batch is polled too: a lagging file id may still arrive.
-        batch = await self._status.refresh(batch.id)
-        if batch.is_terminal:
-            try:
-                batch, report = await self._results.run(batch.id)
-            except ResultsNotReadyError:
-                return batch
-            if report is not None:
-                self._last_report = report
-        return batch
+        return await self._waiter.wait(_batch_id(batch), interval=interval, on_poll=on_poll)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -501,35 +437,6 @@ class BatchInfer:
             custom_id=custom_id or f"live-{uuid.uuid4()}",
             metadata=metadata,
         )
-
-
-async def _call(callback: Callable[[Batch], Awaitable[None] | None] | None, batch: Batch) -> None:
-    if callback is not None:
-        result = callback(batch)
-        if result is not None:
-            await result
-
-
-def _recent(batch: Batch) -> bool:
-    """Submitted or ended within the last few minutes."""
-    moments = [t for t in (batch.submitted_at, batch.ended_at) if t is not None]
-    return not moments or datetime.now(UTC) - max(moments) < timedelta(minutes=5)
-
-
-def _check_will_be_submitted(batch: Batch) -> None:
-    if batch.provider_batch_id is None and batch.submit_requested_at is None:
-        raise InvalidBatchError(
-            f"batch {batch.id} is {batch.status.value} and was never submitted: call "
-            "submit_batch() first, or create it with submit=True"
-        )
-
-
-async def _wait_event(event: asyncio.Event, seconds: float) -> None:
-    try:
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    except TimeoutError:
-        pass
 
 
 def _redacted(url: str) -> str:
