@@ -96,7 +96,7 @@ class BatchInfer:
                 )
             except (SQLAlchemyError, ImportError, ValueError) as exc:
                 raise ValueError(
-                    f"cannot use {_redacted(database)!r} as a database: {exc}; give a "
+                    f"cannot use {redacted_url(database)!r} as a database: {exc}; give a "
                     "postgresql+asyncpg://user@host/db URL"
                 ) from exc
             self._owns_engine = True
@@ -439,8 +439,8 @@ class BatchInfer:
         )
 
 
-def _redacted(url: str) -> str:
-    # A URL may carry a password; error messages never do.
+def redacted_url(url: str) -> str:
+    """``url`` with any password masked: a URL may carry one; nothing printed does."""
     return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
 

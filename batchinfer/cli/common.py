@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +19,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchinfer.client import BatchInfer
+from batchinfer.client import BatchInfer, redacted_url
 from batchinfer.domain import Batch, Completion, CompletionStatus
 from batchinfer.errors import SchemaNotReadyError
 from batchinfer.providers.openai import OpenAIProvider
@@ -122,7 +121,7 @@ async def database_url(args: argparse.Namespace) -> AsyncIterator[str]:
     """The URL to use, starting (and afterwards stopping) the embedded Postgres if none is set."""
     url = args.database or os.environ.get(DATABASE_ENV)
     if url:
-        say(f"Database: {_redacted(url)} (schema {args.schema})")
+        say(f"Database: {redacted_url(url)} (schema {args.schema})")
         yield url
         return
     pgdata = _data_dir(args.data_dir) / "pgdata"
@@ -283,8 +282,3 @@ def counts_text(by_status: dict[str, int]) -> str:
     order = [s.value for s in CompletionStatus]
     items = sorted(by_status.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
     return ", ".join(f"{count:,} {status}" for status, count in items) or "no requests"
-
-
-def _redacted(url: str) -> str:
-    # A URL may carry a password; nothing printed does.
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
