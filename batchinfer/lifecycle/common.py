@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from batchinfer.domain import Batch
@@ -48,6 +48,30 @@ async def finish_even_if_cancelled(write: Coroutine[Any, Any, T]) -> T:
         if not task.cancelled():
             task.exception()  # retrieved: its error, if any, is not the news here
         raise
+
+
+async def read_ahead(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``source``'s items, the next one already being fetched while the caller uses this one:
+    the database reads the next page of requests while the provider receives the last."""
+    pending: asyncio.Future[T] = asyncio.ensure_future(anext(source))
+    try:
+        while True:
+            try:
+                item = await pending
+            except StopAsyncIteration:
+                return
+            pending = asyncio.ensure_future(anext(source))
+            yield item
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        elif not pending.cancelled():
+            pending.exception()  # retrieved; the caller stopped for its own reason
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def extra(batch: Batch, **fields: Any) -> dict[str, Any]:

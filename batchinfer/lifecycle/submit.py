@@ -16,7 +16,7 @@ from typing import Any
 from batchinfer.domain import Batch, BatchStatus
 from batchinfer.errors import BatchBusyError, BatchInferError, InvalidBatchError, ProviderError
 from batchinfer.lifecycle.claims import holding
-from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log
+from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log, read_ahead
 from batchinfer.providers.base import Provider
 from batchinfer.storage.store import Store
 from batchinfer.validation import Requests, check_batch_metadata, validate_requests
@@ -186,9 +186,8 @@ class Submitter:
         return batch
 
     async def _input_stream(self, batch: Batch, adapter: Provider) -> AsyncIterator[bytes]:
-        async for page in self.store.batches.request_pages(
-            batch.id, page_size=_UPLOAD_LINES_PER_CHUNK
-        ):
+        pages = self.store.batches.request_pages(batch.id, page_size=_UPLOAD_LINES_PER_CHUNK)
+        async for page in read_ahead(pages):
             yield b"".join(adapter.encode_line(cid, batch.endpoint, body) for cid, body in page)
 
 
