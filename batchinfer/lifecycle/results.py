@@ -75,8 +75,11 @@ class _Chunk:
         self.custom_ids.append(custom_id)
         self.line_nos.append(line_no)
 
-    def document(self) -> str:
-        return (self.buffer + b"]").decode()
+    def document(self) -> bytearray:
+        """The JSON array, closed in place (no copy of a chunk's megabytes)."""
+        if not self.buffer.endswith(b"]"):
+            self.buffer += b"]"
+        return self.buffer
 
     def row(self, index: int) -> bytes:
         start = self.ends[index - 1] + 1 if index else 1
@@ -320,7 +323,7 @@ class ResultsPass:
     ) -> ApplyResult:
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_rows(batch.id, f"[{row.decode()}]", [custom_id])
+                self.store.results.apply_rows(batch.id, b"[" + row + b"]", [custom_id])
             )
         except DataRejectedError as exc:
             log(

@@ -51,7 +51,7 @@ class ResultStore:
     async def apply_rows(
         self,
         batch_id: uuid.UUID | None,
-        document: str,
+        document: bytes | bytearray,
         custom_ids: Sequence[str],
         *,
         completion_id: int | None = None,
@@ -69,6 +69,7 @@ class ResultStore:
         # One jsonb document per chunk: the driver sends one parameter instead of 18 arrays
         # checked element by element, and the server parses it once (json_to_recordset would
         # parse each response body a second time to make it jsonb: twice the server time).
+        # It travels as UTF-8 bytes (bytea): no decode to str and encode back on the client.
         sql = sa.text(f"""
             UPDATE {self.db.q}.completions AS c SET
                 status = v.status,
@@ -89,7 +90,7 @@ class ResultStore:
                 failure_error = v.failure_error,
                 failure_reason = v.failure_reason,
                 completed_at = now()
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
+            FROM jsonb_to_recordset(CAST(convert_from(:rows, 'UTF8') AS jsonb)) AS v(
                 custom_id text, status text, response_body jsonb, output_text text,
                 tool_calls jsonb, finish_reason text, status_code int,
                 provider_request_id text, prompt_tokens int, completion_tokens int,

@@ -96,13 +96,13 @@ def encode_outcome(o: ResultOutcome) -> bytes:
     return encoded
 
 
-def outcome_rows(outcomes: Sequence[ResultOutcome]) -> str:
+def outcome_rows(outcomes: Sequence[ResultOutcome]) -> bytes:
     return rows_document([encode_outcome(o) for o in outcomes])
 
 
-def rows_document(rows: Sequence[bytes]) -> str:
+def rows_document(rows: Sequence[bytes]) -> bytes:
     """Encoded rows as one JSON array, the statement's single parameter."""
-    return (b"[" + b",".join(rows) + b"]").decode()
+    return b"[" + b",".join(rows) + b"]"
 
 
 def batch_from_row(row: sa.Row[Any]) -> Batch:
