@@ -36,7 +36,7 @@ _CHUNK = 256 * 1024
 _MAX_RETRY_AFTER = 120.0
 
 
-def retry_hook(exc: Exception) -> bool | float:
+def retry_hook(exc: BaseException) -> bool | float:
     """stamina's backoff hook: how long to wait before retrying ``exc``, or whether to retry."""
     if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
         return min(exc.retry_after, _MAX_RETRY_AFTER)
@@ -167,7 +167,7 @@ class HttpClient:
         json: Any = None,
         data: Any = None,
         what: str,
-        retry_on: Callable[[Exception], bool | float] = retry_hook,
+        retry_on: Callable[[BaseException], bool | float] = retry_hook,
     ) -> dict[str, Any]:
         """One call returning a JSON object, retried while ``retry_on`` says so.
 
@@ -339,7 +339,7 @@ async def _mapped_chunks(
             resp.release()
             raise
 
-    def retry_on(exc: Exception) -> bool | float:
+    def retry_on(exc: BaseException) -> bool | float:
         # retry_hook reads Retry-After on a 429 only; a 503 may carry one too.
         if wait is not None and isinstance(exc, TransientProviderError):
             return min(wait, _MAX_RETRY_AFTER)

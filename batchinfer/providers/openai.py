@@ -61,7 +61,7 @@ _FRESH_SECONDS = 60.0
 _FRESH_KEPT = 10_000
 
 
-def _no_retry(exc: Exception) -> bool:
+def _no_retry(exc: BaseException) -> bool:
     return False
 
 
@@ -203,7 +203,7 @@ class OpenAIProvider:
         carrying ``metadata`` (our id), and that one is adopted instead of paying twice."""
         fresh_file = self._is_fresh(input_file_id)
 
-        def retry_on(exc: Exception) -> bool | float:
+        def retry_on(exc: BaseException) -> bool | float:
             if fresh_file and isinstance(exc, ProviderRejectedError) and exc.status == 404:
                 return True  # the file we just uploaded is not visible everywhere yet
             return retry_hook(exc)
@@ -266,7 +266,7 @@ class OpenAIProvider:
             after = data[-1].get("id")
         return None
 
-    def _retries(self, on: Callable[[Exception], bool | float]) -> Any:
+    def _retries(self, on: Callable[[BaseException], bool | float]) -> Any:
         return stamina.retry_context(
             on=on, attempts=self._http.attempts, timeout=self._http.retry_timeout
         )
@@ -280,10 +280,10 @@ class OpenAIProvider:
         created = self._created.get(object_id)
         return created is not None and time.monotonic() - created < _FRESH_SECONDS
 
-    def _fresh_404_hook(self, object_id: str) -> Callable[[Exception], bool | float]:
+    def _fresh_404_hook(self, object_id: str) -> Callable[[BaseException], bool | float]:
         fresh = self._is_fresh(object_id)
 
-        def hook(exc: Exception) -> bool | float:
+        def hook(exc: BaseException) -> bool | float:
             if fresh and isinstance(exc, ProviderRejectedError) and exc.status == 404:
                 return True
             return retry_hook(exc)
