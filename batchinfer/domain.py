@@ -141,6 +141,61 @@ class ProviderBatchError:
     line: int | None = None
 
 
+_RESULTS = "the provider's results"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultSource:
+    """One stream of a batch's results at its provider: a file, a results URL, a result list.
+
+    ``key`` names it within the batch (``"output"``, ``"error"``, ``"results"``); ``ref`` is
+    what the provider opens it by (a file id, a URL). A ``deletable`` source is deleted at the
+    provider once applied, when the app asks for that (``delete_result_files``).
+    """
+
+    key: str
+    ref: str
+    deletable: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultSources:
+    """Where a batch's results are, as its provider last said, and whether all are there.
+
+    ``waiting_for`` says what is still to come (a file the counts promise, say): a results
+    pass refuses to sweep what is missing while it is set. ``described_as`` names the sources
+    in a swept completion's failure reason ("the output or error file").
+    """
+
+    sources: tuple[ResultSource, ...] = ()
+    waiting_for: str | None = None
+    described_as: str = _RESULTS
+
+    @property
+    def ready(self) -> bool:
+        return self.waiting_for is None
+
+    def to_json(self) -> JSONObject:
+        return {
+            "sources": [
+                {"key": s.key, "ref": s.ref, "deletable": s.deletable} for s in self.sources
+            ],
+            "waiting_for": self.waiting_for,
+            "described_as": self.described_as,
+        }
+
+    @classmethod
+    def from_json(cls, value: JSONObject) -> ResultSources:
+        return cls(
+            sources=tuple(
+                ResultSource(key=s["key"], ref=s["ref"], deletable=bool(s.get("deletable")))
+                for s in value.get("sources") or ()
+            ),
+            waiting_for=value.get("waiting_for"),
+            described_as=value.get("described_as") or _RESULTS,
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProviderBatch:
     """A provider's view of a batch, normalised: what retrieve/create/cancel return."""
@@ -154,6 +209,8 @@ class ProviderBatch:
     request_counts: RequestCounts = field(default_factory=RequestCounts)
     errors: tuple[ProviderBatchError, ...] = ()
     raw: JSONObject = field(default_factory=dict)
+    #: Where its results are; the adapter fills it in wherever it reads a batch.
+    results: ResultSources = field(default_factory=ResultSources)
 
     def failure_reason(self) -> str | None:
         """A readable sentence for a batch the provider failed, or None."""
@@ -211,6 +268,8 @@ class Batch:
     handler_gave_up_at: datetime | None = None
     #: When the provider's copies of the batch's files were deleted (see ``delete_input_files``).
     files_deleted_at: datetime | None = None
+    #: Where the provider keeps its results, as last reported (None: not reported yet).
+    result_sources: ResultSources | None = None
 
     @property
     def is_terminal(self) -> bool:

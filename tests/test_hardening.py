@@ -26,6 +26,7 @@ from batchinfer import (
     StorageError,
 )
 from batchinfer.client import _asyncpg_url
+from batchinfer.domain import ResultSources
 from batchinfer.testing import Emulator
 from tests.helpers import chat_requests
 
@@ -230,7 +231,7 @@ async def test_force_applies_what_is_there_and_fails_the_rest(
     }
 
 
-async def test_the_sweep_refuses_when_the_file_ids_changed(
+async def test_the_sweep_refuses_when_the_result_sources_changed(
     bi: BatchInfer, emulator: Emulator
 ) -> None:
     batch = await submitted(bi, 1)
@@ -238,10 +239,12 @@ async def test_the_sweep_refuses_when_the_file_ids_changed(
     batch = await bi.get_batch(batch)
     await bi.fetch_batch_status(batch)
     current = await bi.get_batch(batch)
-    # Finishing against file ids other than the batch's now is refused, changing nothing.
+    # Finishing against sources other than the batch's now is refused, changing nothing.
+    assert current.result_sources is not None
+    assert [s.key for s in current.result_sources.sources] == ["output"]
     outcome = await bi._store.results.finish_results(
         batch.id,
-        applied_files=(None, None),
+        applied_sources=ResultSources(),
         failure_error="x",
         failure_reason="y",
     )

@@ -51,7 +51,7 @@ async def test_migrate_is_idempotent_and_safe_concurrently(
             await conn.execute(sa.text(f'SELECT version_num FROM "{schema}".alembic_version'))
         ).scalar_one()
     assert tables == {"alembic_version", "batches", "completions", "workers"}
-    assert version == "0003"
+    assert version == "0004"
     for c in clients:
         await c.aclose()
 
@@ -142,3 +142,68 @@ def lambda_free_append(into: list[object]) -> Any:
         into.append(batch)
 
     return record
+
+
+async def test_upgrading_turns_the_two_file_ids_into_result_sources(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    """Batches submitted before 0004 keep their files, and what is still to come, in the
+    provider-neutral form the results pass reads."""
+    from batchinfer.storage.database import Database
+    from batchinfer.storage.schema import migrate
+
+    await migrate(Database(engine, schema=schema), revision="0003")
+    rows = [  # (status, output, error, completed, failed)
+        ("completed", "file-out", "file-err", 2, 1),
+        ("completed", None, None, 2, 0),
+        ("expired", "file-out2", None, 1, 3),
+        ("in_progress", None, None, 0, 0),
+    ]
+    async with engine.begin() as conn:
+        for n, (status, out, err, done, failed) in enumerate(rows):
+            await conn.execute(
+                sa.text(
+                    f'INSERT INTO "{schema}".batches (id, provider, endpoint, model, status, '
+                    "provider_batch_id, output_file_id, error_file_id, counts_completed, "
+                    "counts_failed, request_total, input_bytes, created_at) VALUES "
+                    "(gen_random_uuid(), 'openai', '/v1/chat/completions', 'm', :s, :pb, :o, "
+                    ":e, :c, :f, 3, 0, now() - make_interval(secs => :n))"
+                ),
+                {
+                    "s": status,
+                    "pb": f"batch_{n}",
+                    "o": out,
+                    "e": err,
+                    "c": done,
+                    "f": failed,
+                    "n": n,
+                },
+            )
+        await conn.execute(  # never submitted: nothing reported yet
+            sa.text(
+                f'INSERT INTO "{schema}".batches (id, provider, endpoint, model, request_total, '
+                "input_bytes, created_at) VALUES (gen_random_uuid(), 'openai', 'e', 'm', 1, 0, "
+                "now() - interval '1 hour')"
+            )
+        )
+    async with _client(engine, schema, emulator) as bi:
+        await bi.migrate()
+        found = {b.provider_batch_id: b.result_sources for b in await bi.list_batches()}
+    both, neither, partial, running = (found[f"batch_{n}"] for n in range(4))
+    assert both is not None
+    assert both.ready
+    assert [(s.key, s.ref, s.deletable) for s in both.sources] == [
+        ("output", "file-out", True),
+        ("error", "file-err", True),
+    ]
+    assert both.described_as == "the output or error file"
+    assert neither is not None
+    assert neither.sources == ()
+    assert neither.waiting_for == "2 completed requests but no output file yet"
+    assert partial is not None
+    assert [s.ref for s in partial.sources] == ["file-out2"]
+    assert partial.waiting_for == "3 failed requests but no error file yet"
+    assert running is not None
+    assert running.ready
+    assert running.sources == ()
+    assert found[None] is None

@@ -21,6 +21,8 @@ from batchinfer.domain import (
     CompletionStatus,
     Pricer,
     ResultOutcome,
+    ResultSource,
+    ResultSources,
     Usage,
 )
 from batchinfer.errors import (
@@ -39,7 +41,7 @@ from batchinfer.storage.rows import encode_outcome
 from batchinfer.storage.store import Store
 
 _YIELD_EVERY = 100
-_FILE_ID_CHANGES = 3
+_SOURCE_CHANGES = 3
 #: Seconds before a worker tries again to delete files the provider would not delete.
 _DELETE_RETRY = 600.0
 
@@ -123,14 +125,14 @@ class ResultsPass:
         turn), so memory is bounded by that limit, not by how many batches end together.
         """
         async with self._turns:
-            for _ in range(_FILE_ID_CHANGES):
+            for _ in range(_SOURCE_CHANGES):
                 try:
                     return await self._once(batch_id, force=force)
-                except _FilesChanged:
-                    # A poll recorded a file id while we applied; apply again (idempotent).
+                except _SourcesChanged:
+                    # A poll changed where the results are while we applied; again (idempotent).
                     continue
         raise ResultsNotReadyError(
-            f"batch {batch_id}: the provider's result file ids kept changing while they were "
+            f"batch {batch_id}: where the provider keeps its results kept changing while they were "
             "applied; fetch the results again later"
         )
 
@@ -145,17 +147,17 @@ class ResultsPass:
                 "completed, expired or cancelled (use wait() to poll until then)"
             )
         tally = _Tally()
+        sources = batch.result_sources or ResultSources()
         if batch.status.has_results:
-            missing = None if force else _missing_file(batch)
-            if missing:
+            if sources.waiting_for and not force:
                 raise ResultsNotReadyError(
-                    f"batch {batch.id} is {batch.status.value} with {missing}; poll its status "
-                    "again before fetching (or pass force=True to fail what is not there)"
+                    f"batch {batch.id} is {batch.status.value} with {sources.waiting_for}; poll "
+                    "its status again before fetching (or pass force=True to fail what is not "
+                    "there)"
                 )
             seen: set[str] = set()
-            for file_id in (batch.output_file_id, batch.error_file_id):
-                if file_id is not None:
-                    await self._apply_file(batch, file_id, seen, tally)
+            for source in sources.sources:
+                await self._apply_source(batch, source, seen, tally)
         line_reasons: dict[int, str] = {}
         if batch.status is BatchStatus.FAILED:
             failure_error = f"{batch.provider} batch failed"
@@ -170,20 +172,20 @@ class ResultsPass:
         else:
             failure_error = f"{batch.provider} batch entry missing"
             failure_reason = (
-                f"result not present in the output or error file (batch {batch.id}, "
+                f"result not present in {sources.described_as} (batch {batch.id}, "
                 f"provider batch {batch.provider_batch_id}, status {batch.status.value})"
             )
             if batch.failure_reason:  # e.g. expired here after its maximum age
                 failure_reason += f": {batch.failure_reason}"
         finished = await self.store.results.finish_results(
             batch.id,
-            applied_files=(batch.output_file_id, batch.error_file_id),
+            applied_sources=sources,
             failure_error=failure_error,
             failure_reason=failure_reason,
             line_reasons=line_reasons,
         )
         if finished is None:
-            raise _FilesChanged
+            raise _SourcesChanged
         batch, swept = finished
         report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
         log("results_applied", batch, status=batch.status.value, **dataclasses.asdict(report))
@@ -195,10 +197,9 @@ class ResultsPass:
         worker tries again ten minutes later (as does any later results pass)."""
         if batch.files_deleted_at is not None or batch.results_applied_at is None:
             return batch
-        wanted = [batch.input_file_id] if self.delete_input_files else []
-        if self.delete_result_files:
-            wanted += [batch.output_file_id, batch.error_file_id]
-        doomed = [f for f in wanted if f is not None]
+        doomed = [batch.input_file_id] if self.delete_input_files and batch.input_file_id else []
+        if self.delete_result_files and batch.result_sources is not None:
+            doomed += [s.ref for s in batch.result_sources.sources if s.deletable]
         if not doomed:
             return await self.store.batches.record_files_deleted(batch.id)  # nothing to do
         adapter = self.providers.get(batch.provider)
@@ -223,8 +224,11 @@ class ResultsPass:
             return batch
         return await self.store.batches.record_files_deleted(batch.id)
 
-    async def _apply_file(self, batch: Batch, file_id: str, seen: set[str], tally: _Tally) -> None:
-        """Stream one file: parse in this task, write chunks from ``writers`` tasks."""
+    async def _apply_source(
+        self, batch: Batch, source: ResultSource, seen: set[str], tally: _Tally
+    ) -> None:
+        """Stream one source: parse in this task, write chunks from ``writers`` tasks."""
+        file_id = source.ref
         # As deep as there are writers: each has its next chunk ready, and no more is held.
         queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=self.writers)
 
@@ -254,7 +258,7 @@ class ResultsPass:
 
         async def producer() -> None:
             chunk = _Chunk()
-            async with adapter.open_file(file_id) as chunks:
+            async with adapter.open_results(source) as chunks:
                 async for line in iter_lines(chunks, max_line_bytes=self.max_line_bytes):
                     outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
                     if outcome is None:
@@ -384,21 +388,5 @@ class ResultsPass:
             )
 
 
-class _FilesChanged(Exception):
-    """The batch's file ids changed between reading and sweeping it."""
-
-
-def _missing_file(batch: Batch) -> str | None:
-    """Why the provider's files cannot all be there yet, judging by its counts; else None."""
-    counts = batch.request_counts
-    if counts.completed > 0 and batch.output_file_id is None:
-        return f"{counts.completed} completed requests but no output file yet"
-    if counts.failed > 0 and batch.error_file_id is None:
-        return f"{counts.failed} failed requests but no error file yet"
-    if (
-        batch.status is BatchStatus.COMPLETED
-        and batch.output_file_id is None
-        and batch.error_file_id is None
-    ):
-        return "neither an output nor an error file yet"
-    return None
+class _SourcesChanged(Exception):
+    """The batch's result sources changed between reading and sweeping it."""

@@ -7,7 +7,14 @@ from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
-from batchinfer.domain import BatchLimits, ParsedResponse, Pricer, ProviderBatch, ResultOutcome
+from batchinfer.domain import (
+    BatchLimits,
+    ParsedResponse,
+    Pricer,
+    ProviderBatch,
+    ResultOutcome,
+    ResultSource,
+)
 
 #: A factory for the JSONL body, so an upload that failed half-way can be streamed again.
 InputStream = Callable[[], AsyncIterator[bytes]]
@@ -70,8 +77,10 @@ class Provider(Protocol):
 
     async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch: ...
 
-    def open_file(self, file_id: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Stream a result file's bytes."""
+    def open_results(
+        self, source: ResultSource
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream one of a batch's result sources (``ProviderBatch.results``) as JSONL bytes."""
         ...
 
     def parse_result(

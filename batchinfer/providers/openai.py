@@ -27,6 +27,8 @@ from batchinfer.domain import (
     ProviderBatchError,
     RequestCounts,
     ResultOutcome,
+    ResultSource,
+    ResultSources,
     Usage,
 )
 from batchinfer.errors import PermanentProviderError, ProviderRejectedError
@@ -301,6 +303,11 @@ class OpenAIProvider:
     def open_file(self, file_id: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self._http.stream(f"/files/{file_id}/content", what=f"downloading file {file_id}")
 
+    def open_results(
+        self, source: ResultSource
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self.open_file(source.ref)
+
     async def complete(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
         path = endpoint.removeprefix("/v1")
         answer = await self._http.request_json("POST", path, json=body, what=f"POST {endpoint}")
@@ -322,22 +329,26 @@ class OpenAIProvider:
             status = BatchStatus.IN_PROGRESS
         if status is BatchStatus.PENDING:  # ours alone; the provider has the batch
             status = BatchStatus.VALIDATING
-        counts = _dict(body.get("request_counts"))
+        raw_counts = _dict(body.get("request_counts"))
         errors = _dict(body.get("errors")).get("data")
+        counts = RequestCounts(
+            total=_int(raw_counts.get("total")) or 0,
+            completed=_int(raw_counts.get("completed")) or 0,
+            failed=_int(raw_counts.get("failed")) or 0,
+        )
+        output_file_id = _file_id(body, "output_file_id")
+        error_file_id = _file_id(body, "error_file_id")
         return ProviderBatch(
             id=batch_id,
             status=status,
             raw_status=raw_status,
             input_file_id=_file_id(body, "input_file_id"),
-            output_file_id=_file_id(body, "output_file_id"),
-            error_file_id=_file_id(body, "error_file_id"),
-            request_counts=RequestCounts(
-                total=_int(counts.get("total")) or 0,
-                completed=_int(counts.get("completed")) or 0,
-                failed=_int(counts.get("failed")) or 0,
-            ),
+            output_file_id=output_file_id,
+            error_file_id=error_file_id,
+            request_counts=counts,
             errors=tuple(_batch_error(e) for e in errors) if isinstance(errors, list) else (),
             raw=body,
+            results=_result_sources(status, counts, output_file_id, error_file_id),
         )
 
     def parse_result(
@@ -513,6 +524,29 @@ def _file_id(body: dict[str, Any], field: str) -> str | None:
     raise PermanentProviderError(
         f"the batch object's {field} is {value!r}, not a file id; the provider's answer is "
         "malformed"
+    )
+
+
+def _result_sources(
+    status: BatchStatus,
+    counts: RequestCounts,
+    output_file_id: str | None,
+    error_file_id: str | None,
+) -> ResultSources:
+    """The output file, then the error file; judged by the counts, which of them is still to
+    come (the file ids can lag behind a batch's end)."""
+    waiting_for = None
+    if counts.completed > 0 and output_file_id is None:
+        waiting_for = f"{counts.completed} completed requests but no output file yet"
+    elif counts.failed > 0 and error_file_id is None:
+        waiting_for = f"{counts.failed} failed requests but no error file yet"
+    elif status is BatchStatus.COMPLETED and output_file_id is None and error_file_id is None:
+        waiting_for = "neither an output nor an error file yet"
+    files = (("output", output_file_id), ("error", error_file_id))
+    return ResultSources(
+        sources=tuple(ResultSource(key=k, ref=f, deletable=True) for k, f in files if f),
+        waiting_for=waiting_for,
+        described_as="the output or error file",
     )
 
 

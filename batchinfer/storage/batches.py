@@ -238,7 +238,7 @@ class BatchStore:
         async with self.db.tx(f"recording the status of batch {batch_id}") as conn:
             current = (
                 await conn.execute(
-                    sa.select(batches.c.status, batches.c.poll_count)
+                    sa.select(batches.c.status, batches.c.poll_count, batches.c.result_sources)
                     .where(batches.c.id == batch_id)
                     .with_for_update()
                 )
@@ -248,6 +248,11 @@ class BatchStore:
             update = batches.update().where(batches.c.id == batch_id).returning(batches)
             stored = BatchStatus(current.status)
             if stored.is_terminal:
+                # Only the results' whereabouts can still change (a lagging file id), and
+                # never from all there back to some still to come.
+                was = current.result_sources
+                if was is None or was.get("waiting_for") is not None or pb.results.ready:
+                    update = update.values(result_sources=provider_values(pb)["result_sources"])
                 update = update.values(
                     output_file_id=sa.func.coalesce(batches.c.output_file_id, pb.output_file_id),
                     error_file_id=sa.func.coalesce(batches.c.error_file_id, pb.error_file_id),

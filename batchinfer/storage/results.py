@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from batchinfer.domain import Batch, CompletionStatus, ResultOutcome
+from batchinfer.domain import Batch, CompletionStatus, ResultOutcome, ResultSources
 from batchinfer.errors import BatchNotFoundError
 from batchinfer.storage.database import Database
 from batchinfer.storage.rows import batch_from_row, outcome_rows
@@ -126,7 +126,7 @@ class ResultStore:
         self,
         batch_id: uuid.UUID,
         *,
-        applied_files: tuple[str | None, str | None],
+        applied_sources: ResultSources,
         failure_error: str,
         failure_reason: str,
         line_reasons: dict[int, str] | None = None,
@@ -134,20 +134,21 @@ class ResultStore:
         """Fail every completion still open, sum the costs, stamp results_applied_at.
 
         Returns the batch and how many completions the sweep failed, or None, changing nothing,
-        when the batch's (output, error) file ids are no longer ``applied_files``: a file that
-        was not applied must not be swept as missing.
+        when the batch's result sources are no longer ``applied_sources``: results in a source
+        that was not applied must not be swept as missing.
         """
         async with self.db.tx(f"finishing the results of batch {batch_id}") as conn:
             locked = (
                 await conn.execute(
-                    sa.select(batches.c.output_file_id, batches.c.error_file_id)
+                    sa.select(batches.c.result_sources)
                     .where(batches.c.id == batch_id)
                     .with_for_update()
                 )
             ).one_or_none()
             if locked is None:
                 raise BatchNotFoundError(f"no batch {batch_id} in schema {self.db.schema!r}")
-            if tuple(locked) != applied_files:
+            stored = ResultSources.from_json(locked.result_sources or {})
+            if stored.sources != applied_sources.sources:
                 return None
             swept = 0
             if line_reasons:

@@ -18,6 +18,7 @@ from batchinfer.domain import (
     ProviderBatch,
     RequestCounts,
     ResultOutcome,
+    ResultSources,
 )
 
 # jsonb and text cannot hold U+0000, which a model can emit; orjson writes it as \u0000 and a
@@ -54,6 +55,7 @@ def provider_values(pb: ProviderBatch) -> dict[str, Any]:
             ]
         ),
         "provider_response": _jsonb(pb.raw),
+        "result_sources": _jsonb(pb.results.to_json()),
         "failure_reason": _no_nul(pb.failure_reason()),
         "updated_at": sa.func.now(),
     }
@@ -143,6 +145,9 @@ def batch_from_row(row: sa.Row[Any]) -> Batch:
         handler_next_at=m["handler_next_at"],
         handler_gave_up_at=m["handler_gave_up_at"],
         files_deleted_at=m["files_deleted_at"],
+        result_sources=None
+        if m["result_sources"] is None
+        else ResultSources.from_json(m["result_sources"]),
     )
 
 

@@ -101,6 +101,8 @@ batches = Table(
     Column("handler_gave_up_at", Timestamp),
     # The provider's copies of our files, deleted once the results are in our rows.
     Column("files_deleted_at", Timestamp),
+    # Where the provider keeps the results, in its own terms (domain.ResultSources).
+    Column("result_sources", JSONB),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",
