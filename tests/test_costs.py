@@ -222,6 +222,42 @@ async def test_batch_discount_is_configurable(
         assert c.total_cost == (half.input + half.output) / 2
 
 
+async def test_prices_follow_the_pricing_id_not_the_registered_name(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    """A second OpenAI account registered as "openai-eu" is still priced as OpenAI; one whose
+    pricing id genai-prices does not know gets tokens and no cost."""
+    eu = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url, name="openai-eu")
+    odd = OpenAIProvider(
+        api_key=emulator.api_key, base_url=emulator.base_url, name="odd", pricing_id="no-such"
+    )
+    async with BatchInfer(engine, providers=[eu, odd], schema=schema) as bi:
+        await bi.migrate()
+        for name in ("openai-eu", "odd"):
+            batch = await bi.create_batch(
+                provider=name, endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(2)
+            )
+            batch = await bi.submit_batch(batch)
+            await emulator.finish(batch.provider_batch_id or "")
+            await bi.wait(batch, poll_interval=0)
+            comps = [c async for c in bi.completions(batch)]
+            assert [c.status for c in comps] == [CompletionStatus.COMPLETED] * 2
+            for c in comps:
+                if name == "odd":
+                    assert c.prompt_tokens
+                    assert c.total_cost is None
+                else:
+                    assert_costs(c, MINI, HALF)
+        live = await bi.complete(
+            provider="openai-eu",
+            endpoint=CHAT,
+            model="gpt-4o-mini",
+            body={"messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert live.total_cost is not None
+        assert live.total_cost > 0
+
+
 async def test_price_override_used(engine: AsyncEngine, schema: str, emulator: Emulator) -> None:
     mine = Price(
         input_per_mtok=Decimal("3"),

@@ -64,7 +64,7 @@ class LiveCaller:
                 status=CompletionStatus.COMPLETED,
                 response=parsed,
                 status_code=200,
-                costs=self.pricing.pricer(provider, model, _LIVE_RATE)(
+                costs=self.pricing.pricer(adapter.pricing_id, model, _LIVE_RATE)(
                     named if isinstance(named, str) else None, parsed.usage
                 ),
             )

@@ -252,7 +252,7 @@ class ResultsPass:
                             )
 
         adapter = self.providers.get(batch.provider)
-        price = self.pricing.pricer(batch.provider, batch.model, adapter.batch_discount)
+        price = self.pricing.pricer(adapter.pricing_id, batch.model, adapter.batch_discount)
         # The first price lookup loads the price table: not on the event loop, mid-file.
         await asyncio.to_thread(price, batch.model, Usage(prompt_tokens=1, completion_tokens=1))
 

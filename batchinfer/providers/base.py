@@ -30,6 +30,12 @@ class Provider(Protocol):
         ...
 
     @property
+    def pricing_id(self) -> str:
+        """The provider's id in genai-prices (``"openai"``, ``"anthropic"``): prices follow
+        the service that bills, whatever name the provider is registered under."""
+        ...
+
+    @property
     def batch_discount(self) -> Decimal:
         """The factor applied to live prices for batch results (0.5 is half price)."""
         ...

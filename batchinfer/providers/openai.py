@@ -70,8 +70,9 @@ def _no_retry(exc: BaseException) -> bool:
 class OpenAIProvider:
     """OpenAI, or any server speaking its Files and Batches API (``base_url``).
 
-    ``batch_discount`` is the factor batch results are priced at relative to live calls.
-    A given ``session`` is borrowed and never closed.
+    ``batch_discount`` is the factor batch results are priced at relative to live calls;
+    ``pricing_id`` is whose prices they are (genai-prices' provider id), whatever ``name`` the
+    provider is registered under. A given ``session`` is borrowed and never closed.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class OpenAIProvider:
         organization: str | None = None,
         project: str | None = None,
         name: str = "openai",
+        pricing_id: str = "openai",
         limits: BatchLimits | None = None,
         attempts: int = 5,
         verify_tls: bool = True,
@@ -107,6 +109,7 @@ class OpenAIProvider:
             base_url, headers, session=session, attempts=attempts, verify_tls=verify_tls
         )
         self._name = name
+        self._pricing_id = pricing_id
         self._discount = Decimal(str(batch_discount))
         self._limits = limits or BatchLimits(endpoints=BATCH_ENDPOINTS)
         self._created: dict[str, float] = {}
@@ -117,6 +120,10 @@ class OpenAIProvider:
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def pricing_id(self) -> str:
+        return self._pricing_id
 
     @property
     def batch_discount(self) -> Decimal:
