@@ -226,6 +226,19 @@ class ProviderBatch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitKey:
+    """What a provider is told of the batch it submits: enough to name what it creates after
+    the batch, and to recognise, after a crash or a lost answer, what an earlier try made."""
+
+    batch_id: uuid.UUID
+    endpoint: str
+    model: str
+    request_total: int
+    input_bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Batch:
     id: uuid.UUID
     provider: str
@@ -270,6 +283,8 @@ class Batch:
     files_deleted_at: datetime | None = None
     #: Where the provider keeps its results, as last reported (None: not reported yet).
     result_sources: ResultSources | None = None
+    #: What a submit noted at the provider so far, for its own retry (provider's own keys).
+    submit_state: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_terminal(self) -> bool:

@@ -477,3 +477,40 @@ async def test_resubmit_reattaches_to_a_batch_created_by_a_lost_attempt(
     assert calls(emulator, "POST", "/v1/batches") == 5  # the 3 failed ones and the 2 above
     assert calls(emulator, "POST", "/v1/files") == 1
     assert {c.status async for c in bi.completions(batch)} == {CompletionStatus.SUBMITTED}
+
+
+class _NotingProvider(OpenAIProvider):
+    """Notes each step in the checkpoint, and fails once right after the first note: the way
+    a provider whose submit has several steps (create, then add pages) resumes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen_notes: list[dict[str, str]] = []
+        self.failed = False
+
+    async def submit(self, requests: Any, *, key: Any, checkpoint: Any) -> Any:
+        self.seen_notes.append(dict(checkpoint.notes))
+        if "began" not in checkpoint.notes:
+            await checkpoint.note(began="yes", pages="0")
+        if not self.failed:
+            self.failed = True
+            raise ProviderUnavailableError("the connection dropped after the first step")
+        await checkpoint.note(pages="1")
+        return await super().submit(requests, key=key, checkpoint=checkpoint)
+
+
+async def test_a_retried_submit_reads_the_notes_an_earlier_one_left(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    provider = _NotingProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(engine, providers=[provider], schema=schema) as bi:
+        await bi.migrate()
+        batch = await new_batch(bi)
+        with pytest.raises(ProviderUnavailableError):
+            await bi.submit_batch(batch)
+        assert (await bi.get_batch(batch)).submit_state == {"began": "yes", "pages": "0"}
+        submitted = await bi.submit_batch(batch)
+    assert provider.seen_notes == [{}, {"began": "yes", "pages": "0"}]
+    assert submitted.submit_state == {"began": "yes", "pages": "1"}
+    assert submitted.status is BatchStatus.VALIDATING
+    assert calls(emulator, "POST", "/v1/batches") == 1

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
-from batchinfer.domain import Batch, BatchStatus
+from batchinfer.domain import Batch, BatchStatus, SubmitKey
 from batchinfer.errors import BatchBusyError, BatchInferError, InvalidBatchError, ProviderError
 from batchinfer.lifecycle.claims import holding
 from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log, read_ahead
@@ -21,7 +22,8 @@ from batchinfer.providers.base import Provider
 from batchinfer.storage.store import Store
 from batchinfer.validation import Requests, check_batch_metadata, validate_requests
 
-_UPLOAD_LINES_PER_CHUNK = 2_000
+#: Requests read from the database at a time while submitting.
+_UPLOAD_PAGE = 2_000
 
 
 class Submitter:
@@ -30,8 +32,6 @@ class Submitter:
         self.providers = providers
         #: How long a claim lasts unless renewed; a dead submitter blocks others this long.
         self.claim_seconds = claim_seconds
-        #: How many of the provider's newest batches a retried submit looks through.
-        self.reattach_scan = 1_000
         #: Seconds from submission to the first poll by a worker.
         self.first_poll_in = 60.0
 
@@ -117,46 +117,32 @@ class Submitter:
     ) -> Batch:
         """Submit a batch whose claim the caller holds; ``now`` is the clock polls are
         scheduled by."""
-        tag = {"batchinfer_batch_id": str(batch.id)}
-        file_id = batch.input_file_id
-        filename = f"batchinfer-{batch.id}.jsonl"
-        pb = None
-        if file_id is None:
-            # A submit that died after uploading, before recording it, left the file there.
-            file_id = await adapter.find_input_file(filename)
-            if file_id is not None:
-                await self.store.batches.record_input_file(batch.id, file_id)
-                log("input_file_adopted", batch, input_file_id=file_id)
-        if file_id is None:
-            source_errors: list[Exception] = []
+        key = SubmitKey(
+            batch_id=batch.id,
+            endpoint=batch.endpoint,
+            model=batch.model,
+            request_total=batch.request_total,
+            input_bytes=batch.input_bytes,
+            created_at=batch.created_at,
+        )
+        source_errors: list[Exception] = []
 
-            async def stream() -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in self._input_stream(batch, adapter):
-                        yield chunk
-                except Exception as exc:
-                    source_errors.append(exc)
-                    raise
-
+        async def pages() -> AsyncIterator[Sequence[tuple[str, bytes]]]:
+            stored = self.store.batches.request_pages(batch.id, page_size=_UPLOAD_PAGE)
             try:
-                file_id = await adapter.upload_input(stream, filename=filename)
-            except ProviderError:
-                # The body stopped because reading it failed: that is the error to report.
-                if source_errors:
-                    raise source_errors[-1] from None
+                async for page in read_ahead(stored):
+                    yield page
+            except Exception as exc:
+                source_errors.append(exc)
                 raise
-            await self.store.batches.record_input_file(batch.id, file_id)
-            log("input_uploaded", batch, input_file_id=file_id)
-        else:
-            # An earlier submit got as far as uploading; it may also have created the batch
-            # (a timeout, or a crash before recording it). Re-attach rather than pay twice.
-            pb = await adapter.find_batch(metadata=tag, max_batches=self.reattach_scan)
-            if pb is not None:
-                log("batch_reattached", batch, provider_batch_id=pb.id)
-        if pb is None:
-            pb = await adapter.create_batch(
-                input_file_id=file_id, endpoint=batch.endpoint, metadata=tag
-            )
+
+        try:
+            pb = await adapter.submit(pages, key=key, checkpoint=_Checkpoint(self.store, batch))
+        except ProviderError:
+            # The body stopped because reading it failed: that is the error to report.
+            if source_errors:
+                raise source_errors[-1] from None
+            raise
         # Recording is what makes the money spent visible: finish it even if cancelled now.
         try:
             batch = await finish_even_if_cancelled(
@@ -185,10 +171,32 @@ class Submitter:
         log("batch_submitted", batch, status=batch.status.value, requests=batch.request_total)
         return batch
 
-    async def _input_stream(self, batch: Batch, adapter: Provider) -> AsyncIterator[bytes]:
-        pages = self.store.batches.request_pages(batch.id, page_size=_UPLOAD_LINES_PER_CHUNK)
-        async for page in read_ahead(pages):
-            yield b"".join(adapter.encode_line(cid, batch.endpoint, body) for cid, body in page)
+
+class _Checkpoint:
+    """A submit's progress, in the batch's row: each record is committed before the provider
+    goes on, so a retry after a crash picks up where this one stopped."""
+
+    def __init__(self, store: Store, batch: Batch) -> None:
+        self._store = store
+        self._batch = batch
+        self._input_ref = batch.input_file_id
+        self._notes = dict(batch.submit_state)
+
+    @property
+    def input_ref(self) -> str | None:
+        return self._input_ref
+
+    @property
+    def notes(self) -> Mapping[str, str]:
+        return MappingProxyType(self._notes)
+
+    async def record_input(self, ref: str) -> None:
+        await self._store.batches.record_input_file(self._batch.id, ref)
+        self._input_ref = ref
+
+    async def note(self, **values: str) -> None:
+        await self._store.batches.record_submit_notes(self._batch.id, values)
+        self._notes.update(values)
 
 
 def submittable(batch: Batch) -> Batch:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
@@ -14,10 +14,36 @@ from batchinfer.domain import (
     ProviderBatch,
     ResultOutcome,
     ResultSource,
+    SubmitKey,
 )
 
 #: A factory for the JSONL body, so an upload that failed half-way can be streamed again.
 InputStream = Callable[[], AsyncIterator[bytes]]
+
+#: A factory for a batch's requests in line order, in pages of (custom_id, body JSON exactly
+#: as stored); called again, it starts again from the first.
+RequestPages = Callable[[], AsyncIterator[Sequence[tuple[str, bytes]]]]
+
+
+class SubmitCheckpoint(Protocol):
+    """What a submit has done so far, kept in the database for its own retry. Each record
+    has been committed when it returns."""
+
+    @property
+    def input_ref(self) -> str | None:
+        """The provider's copy of the requests (an uploaded file), once recorded."""
+        ...
+
+    @property
+    def notes(self) -> Mapping[str, str]:
+        """What the provider noted earlier with ``note``."""
+        ...
+
+    async def record_input(self, ref: str) -> None:
+        """Remember the provider's copy of the requests; deleted once results are applied."""
+        ...
+
+    async def note(self, **values: str) -> None: ...
 
 
 @runtime_checkable
@@ -45,40 +71,23 @@ class Provider(Protocol):
         """What one batch may hold on this provider."""
         ...
 
-    def encode_line(self, custom_id: str, endpoint: str, body_json: bytes) -> bytes:
-        """One request as a line of the input file."""
-        ...
-
-    async def upload_input(self, stream: InputStream, *, filename: str) -> str:
-        """Upload the input file; return its id. Retried safely: an upload whose answer was
-        lost is adopted, not stored twice."""
-        ...
-
-    async def find_input_file(self, filename: str) -> str | None:
-        """The id of an input file uploaded earlier under ``filename`` (unique per batch)."""
-        ...
-
-    async def delete_file(self, file_id: str) -> None:
-        """Delete a file at the provider; one already gone is not an error."""
-        ...
-
-    async def create_batch(
-        self, *, input_file_id: str, endpoint: str, metadata: dict[str, str]
+    async def submit(
+        self, requests: RequestPages, *, key: SubmitKey, checkpoint: SubmitCheckpoint
     ) -> ProviderBatch:
-        """Start a batch over an uploaded input file, tagged with ``metadata``. Before a retry
-        the provider is searched for a batch so tagged: a create is never repeated."""
+        """Send the batch's requests and start it at the provider, however its API does that
+        (upload a file then create; create with the requests inline; create then add pages).
+
+        It may be called again after a crash or a lost answer at any step: what an earlier try
+        made (noted in ``checkpoint``, or found at the provider by ``key``) is adopted, never
+        made and paid for twice.
+        """
         ...
 
     async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch: ...
 
-    async def find_batch(
-        self, *, metadata: dict[str, str], max_batches: int
-    ) -> ProviderBatch | None:
-        """The newest provider batch carrying all of ``metadata``, among the last few created.
-
-        Lets a submit that crashed after creating its batch re-attach instead of creating a
-        second one.
-        """
+    async def delete_file(self, ref: str) -> None:
+        """Delete the provider's copy of our requests or of a result source (its ``ref``) once
+        the results are applied; one already gone is not an error."""
         ...
 
     async def cancel_batch(self, provider_batch_id: str) -> ProviderBatch: ...

@@ -29,11 +29,12 @@ from batchinfer.domain import (
     ResultOutcome,
     ResultSource,
     ResultSources,
+    SubmitKey,
     Usage,
 )
 from batchinfer.errors import PermanentProviderError, ProviderRejectedError
 from batchinfer.jsonl import encode_request_line
-from batchinfer.providers.base import InputStream
+from batchinfer.providers.base import InputStream, RequestPages, SubmitCheckpoint
 from batchinfer.providers.http import HttpClient, retry_hook
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class OpenAIProvider:
         self._discount = Decimal(str(batch_discount))
         self._limits = limits or BatchLimits(endpoints=BATCH_ENDPOINTS)
         self._created: dict[str, float] = {}
+        #: How many of the provider's newest batches a retried submit looks through.
+        self.reattach_scan = 1_000
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(name={self._name!r}, base_url={self._http.base_url!r})"
@@ -138,6 +141,39 @@ class OpenAIProvider:
 
     def encode_line(self, custom_id: str, endpoint: str, body_json: bytes) -> bytes:
         return encode_request_line(custom_id, endpoint, body_json)
+
+    async def submit(
+        self, requests: RequestPages, *, key: SubmitKey, checkpoint: SubmitCheckpoint
+    ) -> ProviderBatch:
+        """Upload the input file, then create the batch over it, tagged with our id.
+
+        A retry finishes what an earlier try began: a file it uploaded but did not record is
+        found by its name and adopted; once a file is recorded, a batch an earlier try created
+        over it (a timeout, a crash before recording) is found by its tag and re-attached.
+        """
+        tag = {"batchinfer_batch_id": str(key.batch_id)}
+        filename = f"batchinfer-{key.batch_id}.jsonl"
+        file_id = checkpoint.input_ref
+        if file_id is None:
+            file_id = await self.find_input_file(filename)
+            if file_id is not None:
+                await checkpoint.record_input(file_id)
+                _event("input_file_adopted", key, input_file_id=file_id)
+        if file_id is None:
+
+            async def lines() -> AsyncIterator[bytes]:
+                async for page in requests():
+                    yield b"".join(self.encode_line(c, key.endpoint, body) for c, body in page)
+
+            file_id = await self.upload_input(lines, filename=filename)
+            await checkpoint.record_input(file_id)
+            _event("input_uploaded", key, input_file_id=file_id)
+        else:
+            found = await self.find_batch(metadata=tag, max_batches=self.reattach_scan)
+            if found is not None:
+                _event("batch_reattached", key, provider_batch_id=found.id)
+                return found
+        return await self.create_batch(input_file_id=file_id, endpoint=key.endpoint, metadata=tag)
 
     async def upload_input(self, stream: InputStream, *, filename: str) -> str:
         """Upload the input file; a retry first adopts a file an earlier attempt stored (its
@@ -554,6 +590,21 @@ def _result_sources(
         sources=tuple(ResultSource(key=k, ref=f, deletable=True) for k, f in files if f),
         waiting_for=waiting_for,
         described_as="the output or error file",
+    )
+
+
+def _event(event: str, key: SubmitKey, **fields: str) -> None:
+    figures = " ".join(f"{k}={v}" for k, v in fields.items())
+    logger.info(
+        "batchinfer.%s batch %s %s",
+        event,
+        key.batch_id,
+        figures,
+        extra={
+            "batchinfer.event": event,
+            "batchinfer.batch_id": str(key.batch_id),
+            **{f"batchinfer.{k}": v for k, v in fields.items()},
+        },
     )
 
 

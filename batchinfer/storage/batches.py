@@ -4,11 +4,12 @@ provider says about them, each write conditional on the row's current state."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from batchinfer.domain import Batch, BatchStatus, CompletionStatus, NewRequest, ProviderBatch
 from batchinfer.errors import BatchNotFoundError, InvalidBatchError
@@ -181,6 +182,20 @@ class BatchStore:
                 batches.update()
                 .where(batches.c.id == batch_id, batches.c.status == BatchStatus.PENDING.value)
                 .values(input_file_id=file_id, updated_at=sa.func.now())
+            )
+
+    async def record_submit_notes(self, batch_id: uuid.UUID, notes: Mapping[str, str]) -> None:
+        """Add to what a submit noted for its own retry (kept until it is submitted)."""
+        async with self.db.tx(f"recording the submit notes of batch {batch_id}") as conn:
+            await conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id, batches.c.status == BatchStatus.PENDING.value)
+                .values(
+                    submit_state=batches.c.submit_state.op("||")(
+                        sa.cast(sa.literal(dumps(dict(notes)), sa.Text), JSONB)
+                    ),
+                    updated_at=sa.func.now(),
+                )
             )
 
     async def record_submission(

@@ -148,6 +148,7 @@ def batch_from_row(row: sa.Row[Any]) -> Batch:
         result_sources=None
         if m["result_sources"] is None
         else ResultSources.from_json(m["result_sources"]),
+        submit_state=dict(m["submit_state"] or {}),
     )
 
 

@@ -103,6 +103,9 @@ batches = Table(
     Column("files_deleted_at", Timestamp),
     # Where the provider keeps the results, in its own terms (domain.ResultSources).
     Column("result_sources", JSONB),
+    # A submit's notes for its own retry, in the provider's terms (the input file id is kept
+    # in input_file_id, as the provider's copy of the requests).
+    Column("submit_state", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",

@@ -1,4 +1,5 @@
-"""Where a batch's results are, in the provider's own terms: a list of sources, not two files.
+"""Provider-neutral batches: where the results are, as a list of sources rather than two
+files; and a submit's notes for its own retry.
 
 Revision ID: 0004
 Revises: 0003
@@ -23,6 +24,7 @@ def upgrade() -> None:
     s = _schema()
     # NULL: the provider has not said yet (a batch not submitted).
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN result_sources jsonb")
+    op.execute(f"ALTER TABLE {s}.batches ADD COLUMN submit_state jsonb NOT NULL DEFAULT '{{}}'")
     # Every batch submitted before this version went through the OpenAI adapter: its sources
     # are its output and error files, and what is still to come is judged by its counts, as
     # that adapter now does on every poll.
@@ -52,4 +54,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     s = _schema()
+    op.execute(f"ALTER TABLE {s}.batches DROP COLUMN submit_state")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN result_sources")
