@@ -55,6 +55,9 @@ class BatchInfer:
 
     ``database`` is a ``postgresql+asyncpg://`` URL (the engine is created and closed here) or an
     ``AsyncEngine`` (borrowed, never disposed). Use as ``async with BatchInfer(...) as bi:``.
+    ``results_grace_seconds``: how long after a batch's end results its provider promised
+    (a file its counts announce) are waited for; then what is there is applied and the rest
+    failed as missing.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class BatchInfer:
         delete_result_files: bool = False,
         max_result_line_bytes: int = 64 * 1024 * 1024,
         max_concurrent_results: int = 2,
+        results_grace_seconds: float = 3600.0,
     ) -> None:
         if apply_writers < 1 or apply_chunk_size < 1:
             raise ValueError("apply_writers and apply_chunk_size must be at least 1")
@@ -80,6 +84,8 @@ class BatchInfer:
             raise ValueError("max_result_line_bytes must be at least 1024")
         if max_concurrent_results < 1:
             raise ValueError("max_concurrent_results must be at least 1")
+        if results_grace_seconds < 0:
+            raise ValueError("results_grace_seconds must not be negative")
         if claim_seconds < 1:
             raise ValueError("claim_seconds must be at least 1")
         if isinstance(database, AsyncEngine):
@@ -125,6 +131,7 @@ class BatchInfer:
             delete_result_files=delete_result_files,
             max_line_bytes=max_result_line_bytes,
             max_concurrent=max_concurrent_results,
+            not_ready_grace=results_grace_seconds,
         )
         self._live = LiveCaller(self._store, self._providers, pricing)
         self._handlers = Handlers()
@@ -351,6 +358,7 @@ class BatchInfer:
         *,
         poll_interval: float | None = None,
         on_poll: Callable[[Batch], Awaitable[None] | None] | None = None,
+        max_step_failures: int | None = 10,
     ) -> Batch:
         """Return the batch once it has ended and its results are applied.
 
@@ -359,12 +367,22 @@ class BatchInfer:
         With no worker alive it drives the batch itself: submits it if it was created with
         ``submit=True``, polls every ``poll_interval`` seconds, then applies the results.
         ``on_poll`` is called with the batch each time it is looked at (for progress). Errors
-        worth retrying (provider or database) are logged and retried. To bound the wait, wrap
-        the call in ``asyncio.timeout()``; the batch goes on.
+        worth retrying (provider or database) are logged and retried. Steps that keep failing,
+        whoever drives the batch, end the wait with ``BatchStalledError`` naming the last
+        error: after ``max_step_failures`` in a row, or 3 of an error that retrying cannot fix
+        (a revoked key, a provider not configured); ``None`` waits through them all. To bound
+        the wait, wrap the call in ``asyncio.timeout()``; the batch goes on.
         """
         self._check_open()
         interval = self.poll_interval if poll_interval is None else poll_interval
-        return await self._waiter.wait(_batch_id(batch), interval=interval, on_poll=on_poll)
+        if max_step_failures is not None and max_step_failures < 1:
+            raise ValueError("max_step_failures must be at least 1 (or None)")
+        return await self._waiter.wait(
+            _batch_id(batch),
+            interval=interval,
+            on_poll=on_poll,
+            max_step_failures=max_step_failures,
+        )
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -226,6 +226,19 @@ class ProviderBatch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StepFailure:
+    """Why the last step driving a batch failed: the error's type and message, and whether
+    retrying could help without someone changing something (a key, a configuration)."""
+
+    kind: str
+    message: str
+    permanent: bool
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitKey:
     """What a provider is told of the batch it submits: enough to name what it creates after
     the batch, and to recognise, after a crash or a lost answer, what an earlier try made."""
@@ -285,6 +298,10 @@ class Batch:
     result_sources: ResultSources | None = None
     #: What a submit noted at the provider so far, for its own retry (provider's own keys).
     submit_state: dict[str, str] = field(default_factory=dict)
+    #: Steps (submit, poll, apply) that failed in a row since the last one that went through,
+    #: and the last such failure.
+    step_failures: int = 0
+    last_error: StepFailure | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -9,6 +9,7 @@
     ├── BatchNotFoundError       no batch with that id in the database
     ├── ClosedError              the BatchInfer (or its worker) was closed; make a new one
     ├── ResultsNotReadyError     transient: the provider says done but its files are not there yet
+    ├── BatchStalledError        wait() gave up: the steps driving the batch keep failing
     ├── JsonlError               a line of a provider file could not be read (carries line_no)
     ├── StorageError             the database failed (cause chained)
     │   ├── TransientStorageError  connection lost, server restarting, timeout: run it again
@@ -69,6 +70,16 @@ class ResultsNotReadyError(BatchInferError):
 
     Transient: poll the status again and fetch later.
     """
+
+
+class BatchStalledError(BatchInferError):
+    """The steps driving a batch (submit, poll, apply) failed again and again: a wait gives
+    up instead of waiting for ever. ``last_error`` says what failed; the batch itself goes on
+    (a worker keeps retrying it), so a wait called again after the fix ends normally."""
+
+    def __init__(self, message: str, *, last_error: str | None = None) -> None:
+        super().__init__(message)
+        self.last_error = last_error
 
 
 class JsonlError(BatchInferError, ValueError):

@@ -25,13 +25,12 @@ from batchinfer.domain import Batch, BatchStatus
 from batchinfer.errors import (
     BatchInferError,
     ClosedError,
-    PermanentProviderError,
     ProviderRejectedError,
     ResultsNotReadyError,
     SchemaNotReadyError,
 )
 from batchinfer.lifecycle import Leases, Providers, ResultsPass, StatusKeeper, Submitter
-from batchinfer.lifecycle.common import log
+from batchinfer.lifecycle.common import log, step_error
 from batchinfer.lifecycle.handlers import Dispatcher, Handlers
 from batchinfer.storage.listen import Listener
 from batchinfer.storage.store import Store
@@ -343,18 +342,14 @@ class Worker:
                     batch, _ = await self.results.run(batch.id, force=True)
             if batch.is_terminal and batch.results_applied_at is None:
                 try:
-                    batch, _ = await self.results.run(batch.id)
+                    # Past a grace after the end, what never came is swept (see run()).
+                    batch, _ = await self.results.run(batch.id, now=now)
                 except ResultsNotReadyError as exc:
-                    if not self._ended_long_ago(batch, now):
-                        log("results_not_ready", batch, reason=str(exc))
-                        await self.store.batches.reschedule(
-                            batch.id, seconds=self.options.poll_schedule[0], now=now
-                        )
-                        return batch
-                    # The files the counts promised never came: what is there is applied and
-                    # the rest failed, rather than the batch waiting for ever.
-                    log("results_forced", batch, level=logging.WARNING, reason=str(exc))
-                    batch, _ = await self.results.run(batch.id, force=True)
+                    log("results_not_ready", batch, reason=str(exc))
+                    await self.store.batches.reschedule(
+                        batch.id, seconds=self.options.poll_schedule[0], now=now
+                    )
+                    return batch
         if batch.results_applied_at is not None:
             batch = await self.results.delete_files(batch)
         if (
@@ -365,12 +360,6 @@ class Worker:
         ):
             batch = await self.dispatcher.dispatch(batch, now=now)
         return batch
-
-    def _ended_long_ago(self, batch: Batch, now: datetime | None) -> bool:
-        if batch.ended_at is None:
-            return False
-        current = now or datetime.now(batch.ended_at.tzinfo)
-        return current - batch.ended_at > timedelta(seconds=_CANCEL_GRACE)
 
     def _too_old(self, batch: Batch, now: datetime | None, *, grace: float = 0) -> bool:
         if batch.submitted_at is None:
@@ -397,13 +386,17 @@ class Worker:
                     return
             except BatchInferError as again:
                 log("worker_step_failed", batch, level=logging.WARNING, error=str(again))
-        level = logging.ERROR if isinstance(exc, PermanentProviderError) else logging.WARNING
+        error = step_error(exc)
+        level = logging.ERROR if error.permanent else logging.WARNING
         delay = self.options.poll_schedule[0]
         log("worker_step_failed", batch, level=level, error=str(exc), retry_in=delay)
         if batch.results_applied_at is not None:
             return  # a handler failure is recorded by the dispatcher; this was the database
         try:
-            await self.store.batches.reschedule(batch.id, seconds=delay, now=self._now())
+            # Recorded on the batch, so a wait() in any process sees a batch that is stuck.
+            await self.store.batches.record_step_failure(
+                batch.id, error, retry_in=delay, now=self._now()
+            )
         except BatchInferError as again:
             log("worker_step_failed", batch, level=logging.WARNING, error=str(again))
 

@@ -8,8 +8,14 @@ import logging
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from batchinfer.domain import Batch
-from batchinfer.errors import InvalidBatchError
+from batchinfer.domain import Batch, StepFailure
+from batchinfer.errors import (
+    BatchBusyError,
+    BatchInferError,
+    InvalidBatchError,
+    PermanentProviderError,
+    SchemaNotReadyError,
+)
 from batchinfer.providers.base import Provider
 
 logger = logging.getLogger("batchinfer.lifecycle")
@@ -72,6 +78,19 @@ async def read_ahead(source: AsyncIterator[T]) -> AsyncIterator[T]:
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def step_error(exc: BaseException) -> StepFailure:
+    """What a failed step tells those waiting on the batch. Permanent: the same step will
+    fail again until someone changes something (a key, the configuration, the code)."""
+    if isinstance(exc, BatchBusyError):
+        permanent = False
+    elif isinstance(exc, PermanentProviderError | InvalidBatchError | SchemaNotReadyError):
+        permanent = True
+    else:
+        # Anything outside the error tree is a bug, and a bug fails the same way again.
+        permanent = not isinstance(exc, BatchInferError)
+    return StepFailure(kind=type(exc).__name__, message=str(exc), permanent=permanent)
 
 
 def extra(batch: Batch, **fields: Any) -> dict[str, Any]:

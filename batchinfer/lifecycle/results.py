@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
+from datetime import datetime, timedelta
 
 import orjson
 
@@ -103,6 +104,7 @@ class ResultsPass:
         delete_result_files: bool = False,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_concurrent: int = 2,
+        not_ready_grace: float = 3600.0,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -115,11 +117,18 @@ class ResultsPass:
         #: malformed and logged with its number, and its completion swept as missing.
         self.max_line_bytes = max_line_bytes
         self._turns = asyncio.Semaphore(max_concurrent)
+        #: Seconds after a batch's end that results still to come are waited for.
+        self.not_ready_grace = not_ready_grace
 
     async def run(
-        self, batch_id: uuid.UUID, *, force: bool = False
+        self, batch_id: uuid.UUID, *, force: bool = False, now: datetime | None = None
     ) -> tuple[Batch, ApplyReport | None]:
         """The batch with its results applied, and what this pass did (None: already done).
+
+        Results the provider says are still to come are waited for (ResultsNotReadyError)
+        until ``not_ready_grace`` seconds after the batch ended, by ``now`` (the database's
+        clock when None); past that, what is there is applied and the rest swept as missing,
+        rather than the batch waiting for ever.
 
         At most ``max_concurrent`` passes run at once in this process (the others wait their
         turn), so memory is bounded by that limit, not by how many batches end together.
@@ -127,7 +136,7 @@ class ResultsPass:
         async with self._turns:
             for _ in range(_SOURCE_CHANGES):
                 try:
-                    return await self._once(batch_id, force=force)
+                    return await self._once(batch_id, force=force, now=now)
                 except _SourcesChanged:
                     # A poll changed where the results are while we applied; again (idempotent).
                     continue
@@ -136,7 +145,9 @@ class ResultsPass:
             "applied; fetch the results again later"
         )
 
-    async def _once(self, batch_id: uuid.UUID, *, force: bool) -> tuple[Batch, ApplyReport | None]:
+    async def _once(
+        self, batch_id: uuid.UUID, *, force: bool, now: datetime | None
+    ) -> tuple[Batch, ApplyReport | None]:
         batch = await self.store.batches.get(batch_id)
         if batch.results_applied_at is not None:
             # A pass that died before deleting the files leaves that to the next.
@@ -150,11 +161,21 @@ class ResultsPass:
         sources = batch.result_sources or ResultSources()
         if batch.status.has_results:
             if sources.waiting_for and not force:
-                raise ResultsNotReadyError(
-                    f"batch {batch.id} is {batch.status.value} with {sources.waiting_for}; poll "
-                    "its status again before fetching (or pass force=True to fail what is not "
-                    "there)"
-                )
+                if self._given_up_waiting(batch, now):
+                    # What the counts promised never came: apply what is there.
+                    log(
+                        "results_forced",
+                        batch,
+                        level=logging.WARNING,
+                        reason=sources.waiting_for,
+                        waited_seconds=self.not_ready_grace,
+                    )
+                else:
+                    raise ResultsNotReadyError(
+                        f"batch {batch.id} is {batch.status.value} with "
+                        f"{sources.waiting_for}; poll its status again before fetching (or pass "
+                        "force=True to fail what is not there)"
+                    )
             seen: set[str] = set()
             for source in sources.sources:
                 await self._apply_source(batch, source, seen, tally)
@@ -190,6 +211,12 @@ class ResultsPass:
         report = ApplyReport(**dataclasses.asdict(tally), swept=swept)
         log("results_applied", batch, status=batch.status.value, **dataclasses.asdict(report))
         return await self.delete_files(batch), report
+
+    def _given_up_waiting(self, batch: Batch, now: datetime | None) -> bool:
+        if batch.ended_at is None:
+            return False
+        current = now or datetime.now(batch.ended_at.tzinfo)
+        return current - batch.ended_at > timedelta(seconds=self.not_ready_grace)
 
     async def delete_files(self, batch: Batch) -> Batch:
         """The provider keeps files (and bills their storage) until deleted; once the results

@@ -16,12 +16,14 @@ from datetime import UTC, datetime, timedelta
 from batchinfer.domain import ApplyReport, Batch
 from batchinfer.errors import (
     BatchBusyError,
+    BatchStalledError,
     InvalidBatchError,
     ProviderRejectedError,
     ResultsNotReadyError,
     TransientProviderError,
     TransientStorageError,
 )
+from batchinfer.lifecycle.common import step_error
 from batchinfer.lifecycle.results import ResultsPass
 from batchinfer.lifecycle.status import StatusKeeper
 from batchinfer.lifecycle.submit import Submitter
@@ -55,7 +57,14 @@ class Waiter:
         self._on_report = on_report
         self._check_open = check_open
 
-    async def wait(self, batch_id: uuid.UUID, *, interval: float, on_poll: OnPoll | None) -> Batch:
+    async def wait(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        interval: float,
+        on_poll: OnPoll | None,
+        max_step_failures: int | None = 10,
+    ) -> Batch:
         while True:
             self._check_open()
             try:
@@ -65,6 +74,8 @@ class Waiter:
                         return current
                     _check_will_be_submitted(current)
                     if await self._store.claims.workers_alive():
+                        # Its steps run elsewhere; their failures are recorded on the batch.
+                        _check_not_stalled(current, max_step_failures)
                         await _call(on_poll, current)
                         # Woken by a notification, or re-check in case one was missed.
                         await _wait_event(woken, max(interval, 1.0))
@@ -87,7 +98,8 @@ class Waiter:
                 await self._sleep(max(interval, 1.0))
                 continue
             except (TransientProviderError, TransientStorageError) as exc:
-                # A batch runs for hours; one failed step (already retried) is not the end.
+                # A batch runs for hours; one failed step (already retried) is not the end,
+                # but steps that keep failing are (max_step_failures).
                 logger.warning(
                     "batchinfer.wait_step_failed batch %s: %s",
                     batch_id,
@@ -98,6 +110,13 @@ class Waiter:
                         "batchinfer.error": str(exc),
                     },
                 )
+                if isinstance(exc, TransientProviderError):
+                    # The database answers: the failure is recorded for every waiter to see.
+                    failed = await self._store.batches.record_step_failure(
+                        batch_id, step_error(exc)
+                    )
+                    if failed is not None:
+                        _check_not_stalled(failed, max_step_failures)
                 await self._sleep(interval)
                 continue
             await _call(on_poll, current)
@@ -118,7 +137,17 @@ class Waiter:
         if batch.is_terminal:
             try:
                 batch, report = await self._results.run(batch.id)
-            except ResultsNotReadyError:
+            except ResultsNotReadyError as exc:
+                # Waited for until a grace after the end; then what is there is applied.
+                logger.info(
+                    "batchinfer.results_not_ready batch %s: %s",
+                    batch.id,
+                    exc,
+                    extra={
+                        "batchinfer.event": "results_not_ready",
+                        "batchinfer.batch_id": str(batch.id),
+                    },
+                )
                 return batch
             if report is not None:
                 self._on_report(report)
@@ -143,6 +172,25 @@ def _check_will_be_submitted(batch: Batch) -> None:
         raise InvalidBatchError(
             f"batch {batch.id} is {batch.status.value} and was never submitted: call "
             "submit_batch() first, or create it with submit=True"
+        )
+
+
+#: A permanent error is given this many tries: the first may be a moment's inconsistency
+#: (a batch not yet visible everywhere), or a key being rotated.
+_PERMANENT_TRIES = 3
+
+
+def _check_not_stalled(batch: Batch, max_step_failures: int | None) -> None:
+    error = batch.last_error
+    if max_step_failures is None or error is None:
+        return
+    limit = min(max_step_failures, _PERMANENT_TRIES) if error.permanent else max_step_failures
+    if batch.step_failures >= limit:
+        raise BatchStalledError(
+            f"batch {batch.id} is stuck: its last {batch.step_failures} steps failed, the last "
+            f"with {error}; fix that and wait again (the batch goes on, and a worker keeps "
+            "retrying it)",
+            last_error=str(error),
         )
 
 

@@ -11,7 +11,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from batchinfer.domain import Batch, BatchStatus, CompletionStatus, NewRequest, ProviderBatch
+from batchinfer.domain import (
+    Batch,
+    BatchStatus,
+    CompletionStatus,
+    NewRequest,
+    ProviderBatch,
+    StepFailure,
+)
 from batchinfer.errors import BatchNotFoundError, InvalidBatchError
 from batchinfer.storage.database import Database
 from batchinfer.storage.rows import batch_from_row, dumps, provider_values
@@ -295,6 +302,49 @@ class BatchStore:
             if batch.status is not stored:
                 await self.db.notify(conn, f"status {batch_id}")
         return batch
+
+    async def record_step_failure(
+        self,
+        batch_id: uuid.UUID,
+        error: StepFailure,
+        *,
+        retry_in: float | None = None,
+        now: datetime | None = None,
+    ) -> Batch | None:
+        """One more step that failed in a row, and why; waiters are told. With ``retry_in``
+        the batch is looked at again then. None when the batch is gone."""
+        values: dict[str, Any] = {
+            "step_failures": batches.c.step_failures + 1,
+            "last_error": sa.cast(
+                sa.literal(
+                    dumps(
+                        {
+                            "kind": error.kind,
+                            "message": error.message[:2000],
+                            "permanent": error.permanent,
+                        }
+                    ),
+                    sa.Text,
+                ),
+                JSONB,
+            ),
+            "updated_at": sa.func.now(),
+        }
+        if retry_in is not None:
+            values["next_poll_at"] = after(now, retry_in)
+        async with self.db.tx(f"recording a failed step of batch {batch_id}") as conn:
+            row = (
+                await conn.execute(
+                    batches.update()
+                    .where(batches.c.id == batch_id)
+                    .values(**values)
+                    .returning(batches)
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            await self.db.notify(conn, f"error {batch_id}")
+        return batch_from_row(row)
 
     async def reschedule(
         self, batch_id: uuid.UUID, *, seconds: float, now: datetime | None = None

@@ -194,6 +194,7 @@ class ResultStore:
                                 FROM {self.db.q}.completions WHERE batch_id = :b
                             ),
                             results_applied_at = coalesce(b.results_applied_at, now()),
+                            step_failures = 0, last_error = NULL,
                             updated_at = now()
                         WHERE b.id = :b
                         RETURNING b.*

@@ -19,6 +19,7 @@ from batchinfer.domain import (
     RequestCounts,
     ResultOutcome,
     ResultSources,
+    StepFailure,
 )
 
 # jsonb and text cannot hold U+0000, which a model can emit; orjson writes it as \u0000 and a
@@ -40,6 +41,10 @@ def dumps(value: Any) -> str | None:
     return text
 
 
+#: A step that went through ends a run of failed ones.
+STEP_WENT_THROUGH: dict[str, Any] = {"step_failures": 0, "last_error": None}
+
+
 def provider_values(pb: ProviderBatch) -> dict[str, Any]:
     return {
         "output_file_id": pb.output_file_id,
@@ -56,6 +61,8 @@ def provider_values(pb: ProviderBatch) -> dict[str, Any]:
         ),
         "provider_response": _jsonb(pb.raw),
         "result_sources": _jsonb(pb.results.to_json()),
+        # The provider answered: whatever failed before has passed.
+        **STEP_WENT_THROUGH,
         "failure_reason": _no_nul(pb.failure_reason()),
         "updated_at": sa.func.now(),
     }
@@ -149,6 +156,8 @@ def batch_from_row(row: sa.Row[Any]) -> Batch:
         if m["result_sources"] is None
         else ResultSources.from_json(m["result_sources"]),
         submit_state=dict(m["submit_state"] or {}),
+        step_failures=m["step_failures"],
+        last_error=None if m["last_error"] is None else StepFailure(**m["last_error"]),
     )
 
 

@@ -106,6 +106,10 @@ batches = Table(
     # A submit's notes for its own retry, in the provider's terms (the input file id is kept
     # in input_file_id, as the provider's copy of the requests).
     Column("submit_state", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    # Steps that failed in a row (reset by one that goes through), and the last failure, so a
+    # waiter in another process sees a batch nobody can move.
+    Column("step_failures", Integer, nullable=False, server_default="0"),
+    Column("last_error", JSONB),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",

@@ -1,5 +1,5 @@
 """Provider-neutral batches: where the results are, as a list of sources rather than two
-files; and a submit's notes for its own retry.
+files; a submit's notes for its own retry; the steps that keep failing.
 
 Revision ID: 0004
 Revises: 0003
@@ -25,6 +25,8 @@ def upgrade() -> None:
     # NULL: the provider has not said yet (a batch not submitted).
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN result_sources jsonb")
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN submit_state jsonb NOT NULL DEFAULT '{{}}'")
+    op.execute(f"ALTER TABLE {s}.batches ADD COLUMN step_failures integer NOT NULL DEFAULT 0")
+    op.execute(f"ALTER TABLE {s}.batches ADD COLUMN last_error jsonb")
     # Every batch submitted before this version went through the OpenAI adapter: its sources
     # are its output and error files, and what is still to come is judged by its counts, as
     # that adapter now does on every poll.
@@ -54,5 +56,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     s = _schema()
+    op.execute(f"ALTER TABLE {s}.batches DROP COLUMN last_error")
+    op.execute(f"ALTER TABLE {s}.batches DROP COLUMN step_failures")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN submit_state")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN result_sources")
