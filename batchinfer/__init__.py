@@ -6,11 +6,18 @@ from batchinfer.client import BatchInfer
 from batchinfer.domain import (
     ApplyReport,
     Batch,
+    BatchLimits,
     BatchStatus,
     Completion,
     CompletionStatus,
+    ProviderBatch,
     RequestCounts,
+    ResultOutcome,
+    ResultSource,
+    ResultSources,
     Stats,
+    StepFailure,
+    SubmitKey,
     Usage,
 )
 from batchinfer.errors import (
@@ -18,6 +25,7 @@ from batchinfer.errors import (
     BatchBusyError,
     BatchInferError,
     BatchNotFoundError,
+    BatchStalledError,
     ClosedError,
     DataRejectedError,
     InvalidBatchError,
@@ -35,7 +43,8 @@ from batchinfer.errors import (
     TransientStorageError,
 )
 from batchinfer.pricing import Price
-from batchinfer.providers import OpenAIProvider, Provider
+from batchinfer.providers import LiveProvider, OpenAIProvider, Provider
+from batchinfer.providers.base import SubmitCheckpoint
 from batchinfer.worker import Worker
 
 __all__ = [
@@ -45,7 +54,9 @@ __all__ = [
     "BatchBusyError",
     "BatchInfer",
     "BatchInferError",
+    "BatchLimits",
     "BatchNotFoundError",
+    "BatchStalledError",
     "BatchStatus",
     "ClosedError",
     "Completion",
@@ -54,19 +65,27 @@ __all__ = [
     "InvalidBatchError",
     "InvalidRequestError",
     "JsonlError",
+    "LiveProvider",
     "OpenAIProvider",
     "PermanentProviderError",
     "Price",
     "Provider",
+    "ProviderBatch",
     "ProviderError",
     "ProviderRejectedError",
     "ProviderUnavailableError",
     "RateLimitedError",
     "RequestCounts",
+    "ResultOutcome",
+    "ResultSource",
+    "ResultSources",
     "ResultsNotReadyError",
     "SchemaNotReadyError",
     "Stats",
+    "StepFailure",
     "StorageError",
+    "SubmitCheckpoint",
+    "SubmitKey",
     "TransientProviderError",
     "TransientStorageError",
     "Usage",

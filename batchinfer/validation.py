@@ -9,15 +9,38 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from batchinfer.domain import BatchLimits, NewRequest
 from batchinfer.errors import InvalidRequestError
-from batchinfer.jsonl import encode_request_line
 
-_REQUEST_KEYS = frozenset({"custom_id", "body", "metadata", "method", "url"})
+_REQUEST_KEYS = frozenset({"custom_id", "body", "metadata"})
+
+
+class RequestRules(Protocol):
+    """What one provider asks of the requests of a batch, beyond the checks every provider
+    shares (made here): the provider that sends them implements it."""
+
+    @property
+    def limits(self) -> BatchLimits: ...
+
+    @property
+    def request_keys(self) -> frozenset[str]:
+        """Keys a request may carry besides custom_id, body and metadata."""
+        ...
+
+    def check_request(
+        self, item: Mapping[str, Any], body: dict[str, Any], *, endpoint: str, model: str
+    ) -> str | None:
+        """What is wrong with one request, or None; may complete ``body`` (its model)."""
+        ...
+
+    def line_bytes(self, custom_id: str, endpoint: str, body_json: bytes) -> int:
+        """How many bytes the request takes of the batch's size limit."""
+        ...
+
 
 #: The largest metadata, of one request or of a batch, accepted (bytes of its JSON encoding).
 #: Metadata is read back with every completion, so megabytes there slow every read; Postgres
@@ -38,15 +61,6 @@ def has_encoded_nul(data: bytes) -> bool:
     # The substring test is cheap; the regex only runs to rule out an escaped backslash.
     return b"\\u0000" in data and _ENCODED_NUL.search(data) is not None
 
-
-# The field each endpoint cannot do without; the provider rejects a body without it.
-_REQUIRED_BODY_FIELD = {
-    "/v1/chat/completions": "messages",
-    "/v1/responses": "input",
-    "/v1/embeddings": "input",
-    "/v1/completions": "prompt",
-    "/v1/moderations": "input",
-}
 
 RequestInput = Mapping[str, Any]
 Requests = Iterable[RequestInput] | AsyncIterable[RequestInput]
@@ -188,7 +202,7 @@ def validate_requests(
     *,
     endpoint: str,
     model: str,
-    limits: BatchLimits,
+    rules: RequestRules,
 ) -> AsyncIterator[NewRequest]:
     """Yield each request validated and encoded; raise InvalidRequestError at the first bad one.
 
@@ -197,7 +211,7 @@ def validate_requests(
     the requests are checked as they are iterated. The caller writes what this yields inside
     one transaction, so an error leaves nothing behind.
     """
-    check_batch_params(endpoint=endpoint, model=model, limits=limits)
+    check_batch_params(endpoint=endpoint, model=model, limits=rules.limits)
     if isinstance(requests, Mapping | str | bytes) or not isinstance(
         requests, Iterable | AsyncIterable
     ):
@@ -205,18 +219,22 @@ def validate_requests(
             "requests must be a list or (async) iterable of request dicts, got "
             f"{type(requests).__name__}"
         )
-    return _validated(requests, endpoint=endpoint, model=model, limits=limits)
+    return _validated(requests, endpoint=endpoint, model=model, rules=rules)
 
 
 async def _validated(
-    requests: Requests, *, endpoint: str, model: str, limits: BatchLimits
+    requests: Requests, *, endpoint: str, model: str, rules: RequestRules
 ) -> AsyncIterator[NewRequest]:
+    limits = rules.limits
+    keys = _REQUEST_KEYS | rules.request_keys
     seen: set[str] = set()
     total_bytes = 0
     position = -1
     async for item in _aiter(requests):
         position += 1
-        request = _check_request(item, position, endpoint=endpoint, model=model, limits=limits)
+        request = _check_request(
+            item, position, endpoint=endpoint, model=model, rules=rules, keys=keys
+        )
         if request.custom_id in seen:
             raise InvalidRequestError(
                 "duplicate custom_id; each request in a batch needs its own",
@@ -252,8 +270,15 @@ async def _validated(
 
 
 def _check_request(
-    item: Any, position: int, *, endpoint: str, model: str, limits: BatchLimits
+    item: Any,
+    position: int,
+    *,
+    endpoint: str,
+    model: str,
+    rules: RequestRules,
+    keys: frozenset[str],
 ) -> NewRequest:
+    limits = rules.limits
     if not isinstance(item, Mapping):
         raise InvalidRequestError(
             f"expected a dict with 'custom_id' and 'body', got {type(item).__name__}",
@@ -273,7 +298,7 @@ def _check_request(
     def fail(message: str) -> InvalidRequestError:
         return InvalidRequestError(message, position=position, custom_id=custom_id)
 
-    unknown = set(item) - _REQUEST_KEYS
+    unknown = set(item) - keys
     if unknown:
         raise fail(
             f"unknown key(s) {', '.join(sorted(map(str, unknown)))}; a request has "
@@ -286,25 +311,13 @@ def _check_request(
         raise fail(
             f"custom_id contains the control character {control.group()!r}; use printable text"
         )
-    if item.get("method", "POST") != "POST":
-        raise fail("method must be POST")
-    if item.get("url", endpoint) != endpoint:
-        raise fail(f"url {item.get('url')!r} differs from the batch endpoint {endpoint!r}")
     body = item.get("body")
     if not isinstance(body, Mapping):
         raise fail("body must be a dict holding the endpoint's request parameters")
     body = dict(body)
-    body_model = body.setdefault("model", model)
-    if body_model != model:
-        raise fail(
-            f"body.model {body_model!r} differs from the batch model {model!r}; "
-            "a batch uses one model"
-        )
-    if body.get("stream"):
-        raise fail("stream is not supported by the batch API; remove it from the body")
-    required = _REQUIRED_BODY_FIELD.get(endpoint)
-    if required is not None and required not in body:
-        raise fail(f"body.{required} is required for {endpoint}")
+    problem = rules.check_request(item, body, endpoint=endpoint, model=model)
+    if problem is not None:
+        raise fail(problem)
     metadata = item.get("metadata")
     if metadata is None:
         metadata = {}
@@ -313,7 +326,7 @@ def _check_request(
     metadata = dict(metadata)
     body_json = _encode(body, "body", fail)
     metadata_json = _encode(metadata, "metadata", fail)
-    line_bytes = len(encode_request_line(custom_id, endpoint, body_json))
+    line_bytes = rules.line_bytes(custom_id, endpoint, body_json)
     if "\x00" in custom_id or has_encoded_nul(metadata_json):
         raise fail("custom_id or metadata contains a NUL character, which Postgres cannot store")
     too_big = _metadata_too_big(metadata, len(metadata_json))

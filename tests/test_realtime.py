@@ -14,6 +14,7 @@ from batchinfer import (
     Completion,
     CompletionStatus,
     InvalidRequestError,
+    OpenAIProvider,
     ProviderRejectedError,
     ProviderUnavailableError,
 )
@@ -326,3 +327,25 @@ async def test_batch_input_keeps_key_order(bi: BatchInfer, emulator: Emulator) -
     # Property order steers structured outputs, so the batch path keeps the caller's order.
     assert list(properties) == ["reasoning", "answer"]
     assert batch.input_bytes == len(emulator.file_content(batch.input_file_id))
+
+
+class _BatchOnly(OpenAIProvider):
+    """A provider with batches but no live endpoint: the realtime path refuses it."""
+
+    complete = None  # type: ignore[assignment]
+
+
+async def test_a_provider_without_a_live_path_is_refused_by_name(
+    engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    batch_only = _BatchOnly(api_key=emulator.api_key, base_url=emulator.base_url, name="bulk")
+    async with BatchInfer(engine, providers=[batch_only], schema=schema) as bi:
+        await bi.migrate()
+        with pytest.raises(InvalidRequestError, match=r"'bulk' .* has no live path"):
+            await bi.complete(
+                provider="bulk",
+                endpoint="/v1/chat/completions",
+                model="gpt-4o-mini",
+                body={"messages": [{"role": "user", "content": "hi"}]},
+            )
+    assert emulator.requests == []

@@ -10,9 +10,10 @@ from typing import Any
 import orjson
 
 from batchinfer.domain import Completion, CompletionStatus, ResultOutcome
-from batchinfer.errors import ProviderError
+from batchinfer.errors import InvalidRequestError, ProviderError
 from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled
 from batchinfer.pricing import Pricing
+from batchinfer.providers.base import LiveProvider
 from batchinfer.storage.store import Store
 from batchinfer.validation import validate_requests
 
@@ -39,11 +40,16 @@ class LiveCaller:
         """One live call, checked, parsed, priced (at the full rate) and stored as batch results
         are; a provider error is recorded on the row before it is raised."""
         adapter = self.providers.get(provider)
+        if not isinstance(adapter, LiveProvider):
+            raise InvalidRequestError(
+                f"provider {provider!r} ({type(adapter).__name__}) has no live path; send the "
+                "request in a batch instead"
+            )
         request = {"custom_id": custom_id, "body": body, "metadata": metadata or {}}
         [checked] = [
             r
             async for r in validate_requests(
-                [request], endpoint=endpoint, model=model, limits=adapter.limits
+                [request], endpoint=endpoint, model=model, rules=adapter.rules
             )
         ]
         sent = orjson.loads(checked.body_json)

@@ -48,9 +48,7 @@ class Submitter:
     ) -> Batch:
         adapter = self.providers.get(provider)
         checked_metadata = check_batch_metadata(metadata)
-        validated = validate_requests(
-            requests, endpoint=endpoint, model=model, limits=adapter.limits
-        )
+        validated = validate_requests(requests, endpoint=endpoint, model=model, rules=adapter.rules)
         batch = await self.store.batches.create(
             provider=provider,
             endpoint=endpoint,

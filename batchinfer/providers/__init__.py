@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchinfer.providers.base import InputStream, Provider
+from batchinfer.providers.base import InputStream, LiveProvider, Provider
 from batchinfer.providers.openai import OpenAIProvider
 
-__all__ = ["InputStream", "OpenAIProvider", "Provider"]
+__all__ = ["InputStream", "LiveProvider", "OpenAIProvider", "Provider"]

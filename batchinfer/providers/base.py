@@ -16,6 +16,7 @@ from batchinfer.domain import (
     ResultSource,
     SubmitKey,
 )
+from batchinfer.validation import RequestRules
 
 #: A factory for the JSONL body, so an upload that failed half-way can be streamed again.
 InputStream = Callable[[], AsyncIterator[bytes]]
@@ -71,6 +72,11 @@ class Provider(Protocol):
         """What one batch may hold on this provider."""
         ...
 
+    @property
+    def rules(self) -> RequestRules:
+        """What it asks of each request, checked by create_batch before anything is written."""
+        ...
+
     async def submit(
         self, requests: RequestPages, *, key: SubmitKey, checkpoint: SubmitCheckpoint
     ) -> ProviderBatch:
@@ -104,12 +110,23 @@ class Provider(Protocol):
         """Decide what one result envelope means for its completion, priced with ``price``."""
         ...
 
-    def parse_response(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
-        """Extract text, tool calls, finish reason and usage from a 2xx response body."""
-        ...
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LiveProvider(Protocol):
+    """A provider with a realtime path too (``BatchInfer.complete``), whose answers are
+    parsed as its batch results are."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pricing_id(self) -> str: ...
+
+    @property
+    def rules(self) -> RequestRules: ...
 
     async def complete(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
-        """Send one request to the live endpoint; the result is parsed as batch results are."""
+        """Send one request to the live endpoint and parse the answer."""
         ...
-
-    async def aclose(self) -> None: ...

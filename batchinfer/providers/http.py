@@ -13,7 +13,9 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -71,33 +73,68 @@ def _finite(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _openai_error(parsed: Any) -> tuple[str | None, str | None]:
+    """``{"error": {"message", "code" or "type"}}``, as OpenAI (and Anthropic) nest it."""
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        error = parsed["error"]
+        code = error.get("code") or error.get("type")
+        return _text_or_none(error.get("message")), _text_or_none(code)
+    return None, None
+
+
+def _openai_404_hint(url: str) -> str | None:
+    # Most often a base_url without its /v1.
+    return None if "/v1/" in url else "check the provider's base_url: OpenAI's ends in /v1"
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorDialect:
+    """How one provider's error answers read: where the message and code are in the body,
+    which header carries its request id, which codes no retry can fix, what a 404 hints."""
+
+    read: Callable[[Any], tuple[str | None, str | None]] = _openai_error
+    request_id_headers: tuple[str, ...] = ("x-request-id",)
+    permanent_codes: frozenset[str] = frozenset({"insufficient_quota"})
+    not_found_hint: Callable[[str], str | None] | None = _openai_404_hint
+
+
+OPENAI_ERRORS = ErrorDialect()
+
+
 def error_from_response(
-    status: int, body: bytes, headers: Mapping[str, str], *, what: str, url: str | None = None
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    what: str,
+    url: str | None = None,
+    dialect: ErrorDialect = OPENAI_ERRORS,
 ) -> ProviderError:
     """Turn an HTTP error answer into the matching batchinfer error."""
-    message, code = None, None
     try:
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        message = parsed["error"].get("message")
-        code = parsed["error"].get("code") or parsed["error"].get("type")
+    message, code = dialect.read(parsed)
     if not message:
         message = body[:200].decode("utf-8", "replace").strip() or "no message"
-    request_id = headers.get("x-request-id")
+    request_id = next((headers[h] for h in dialect.request_id_headers if h in headers), None)
     text = f"{what} failed with HTTP {status}: {message}"
     if request_id:
         text += f" (request id {request_id})"
     if status == 404 and url is not None:
         text += f"; the URL called was {url}"
-        if "/v1/" not in url:
-            # Most often a base_url without its /v1.
-            text += " (check the provider's base_url: OpenAI's ends in /v1)"
+        hint = dialect.not_found_hint(url) if dialect.not_found_hint else None
+        if hint:
+            text += f" ({hint})"
     kwargs: dict[str, Any] = {"status": status, "code": code, "request_id": request_id}
     # A quota that is used up answers 429 too, but waiting will not refill it; the server may
     # also say outright that a retry is pointless.
-    if code == "insufficient_quota" or headers.get("x-should-retry") == "false":
+    if code in dialect.permanent_codes or headers.get("x-should-retry") == "false":
         if status in (401, 403):
             return AuthenticationError(text + " (check the API key and its access)", **kwargs)
         return ProviderRejectedError(text, **kwargs)
@@ -108,6 +145,11 @@ def error_from_response(
     if status == 408 or status >= 500:
         return ProviderUnavailableError(text, **kwargs)
     return ProviderRejectedError(text, **kwargs)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 class HttpClient:
@@ -123,8 +165,14 @@ class HttpClient:
         attempts: int = 5,
         retry_timeout: float = 120.0,
         verify_tls: bool = True,
+        dialect: ErrorDialect = OPENAI_ERRORS,
+        trusted_origins: tuple[str, ...] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.dialect = dialect
+        #: Hosts an absolute URL from the provider (a results URL) may point at: the base
+        #: URL's own, and these. Credentials are sent to no other.
+        self._origins = {_origin(base_url), *map(_origin, trusted_origins)}
         #: Passed to every request, so it holds for a borrowed session too.
         self.ssl = verify_tls
         self._headers = dict(headers)
@@ -157,7 +205,16 @@ class HttpClient:
             self._session = None
 
     def url(self, path: str) -> str:
-        return f"{self.base_url}/{path.lstrip('/')}"
+        """A path under the base URL, or an absolute URL the provider gave (checked)."""
+        if not path.startswith(("https://", "http://")):
+            return f"{self.base_url}/{path.lstrip('/')}"
+        if _origin(path) not in self._origins:
+            raise PermanentProviderError(
+                f"the provider pointed at {_origin(path)}, which is neither its base URL's "
+                f"host ({_origin(self.base_url)}) nor a trusted one; its credentials are not "
+                "sent there (add the host to the provider's trusted origins if it is right)"
+            )
+        return path
 
     async def request_json(
         self,
@@ -198,7 +255,12 @@ class HttpClient:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise error_from_response(
-                        resp.status, raw, resp.headers, what=what, url=str(resp.url)
+                        resp.status,
+                        raw,
+                        resp.headers,
+                        what=what,
+                        url=str(resp.url),
+                        dialect=self.dialect,
                     )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
@@ -239,7 +301,9 @@ class HttpClient:
                     raw = await resp.read()
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
-                raise error_from_response(resp.status, raw, resp.headers, what=what)
+                raise error_from_response(
+                    resp.status, raw, resp.headers, what=what, dialect=self.dialect
+                )
             yield chunks
         finally:
             # Also when the caller stops early: the generator releases what it re-requested.
@@ -314,7 +378,9 @@ async def _mapped_chunks(
             if resp.status >= 400:
                 wait = _retry_after(resp.headers)
                 raw = await resp.read()
-                raise error_from_response(resp.status, raw, resp.headers, what=doing)
+                raise error_from_response(
+                    resp.status, raw, resp.headers, what=doing, dialect=client.dialect
+                )
             if resp.status != 206:
                 if total is not None and resp.content_length not in (None, total):
                     raise PermanentProviderError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any
@@ -56,6 +56,48 @@ BATCH_ENDPOINTS = frozenset(
 )
 
 _FAILURE_TEXT_LIMIT = 255
+
+# The field each endpoint cannot do without; OpenAI rejects a body without it.
+_REQUIRED_BODY_FIELD = {
+    "/v1/chat/completions": "messages",
+    "/v1/responses": "input",
+    "/v1/embeddings": "input",
+    "/v1/completions": "prompt",
+    "/v1/moderations": "input",
+}
+
+
+class OpenAIRules:
+    """What OpenAI's Batch API asks of each line of an input file: POST to the batch's own
+    endpoint, one model for the whole file, no streaming, the endpoint's required field."""
+
+    request_keys = frozenset({"method", "url"})
+
+    def __init__(self, limits: BatchLimits) -> None:
+        self.limits = limits
+
+    def check_request(
+        self, item: Mapping[str, Any], body: dict[str, Any], *, endpoint: str, model: str
+    ) -> str | None:
+        if item.get("method", "POST") != "POST":
+            return "method must be POST"
+        if item.get("url", endpoint) != endpoint:
+            return f"url {item.get('url')!r} differs from the batch endpoint {endpoint!r}"
+        body_model = body.setdefault("model", model)
+        if body_model != model:
+            return (
+                f"body.model {body_model!r} differs from the batch model {model!r}; "
+                "a batch uses one model"
+            )
+        if body.get("stream"):
+            return "stream is not supported by the batch API; remove it from the body"
+        required = _REQUIRED_BODY_FIELD.get(endpoint)
+        if required is not None and required not in body:
+            return f"body.{required} is required for {endpoint}"
+        return None
+
+    def line_bytes(self, custom_id: str, endpoint: str, body_json: bytes) -> int:
+        return len(encode_request_line(custom_id, endpoint, body_json))
 
 
 #: How long after this process created an object a 404 for it is taken for the provider's
@@ -112,7 +154,7 @@ class OpenAIProvider:
         self._name = name
         self._pricing_id = pricing_id
         self._discount = Decimal(str(batch_discount))
-        self._limits = limits or BatchLimits(endpoints=BATCH_ENDPOINTS)
+        self._rules = OpenAIRules(limits or BatchLimits(endpoints=BATCH_ENDPOINTS))
         self._created: dict[str, float] = {}
         #: How many of the provider's newest batches a retried submit looks through.
         self.reattach_scan = 1_000
@@ -134,7 +176,11 @@ class OpenAIProvider:
 
     @property
     def limits(self) -> BatchLimits:
-        return self._limits
+        return self._rules.limits
+
+    @property
+    def rules(self) -> OpenAIRules:
+        return self._rules
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -450,9 +496,6 @@ class OpenAIProvider:
             failure_error=f"OpenAI batch entry failed ({label})"[:_FAILURE_TEXT_LIMIT],
             failure_reason=str(message or "unknown OpenAI batch failure")[:_FAILURE_TEXT_LIMIT],
         )
-
-    def parse_response(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
-        return parse_response(endpoint, body)
 
 
 def parse_response(endpoint: str, body: dict[str, Any]) -> ParsedResponse:
