@@ -254,19 +254,24 @@ def install(killer: Killer, bi: BatchInfer, provider: OpenAIProvider) -> None:
     elif point == "claim_unsubmitted:after":
         _wrap(killer, store.claims, "claim_unsubmitted", point, before=False)
     elif point == "input_stream:mid":
-        submitter = bi._submitter
-        real_stream: Callable[..., AsyncIterator[bytes]] = submitter._input_stream
+        real_upload = provider.upload_input
 
-        async def halves(*args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
-            # The real bytes, each chunk sent in two writes: the kill comes between them,
-            # once the first half has been handed to the connection.
-            async for chunk in real_stream(*args, **kwargs):
-                half = max(1, len(chunk) // 2)
-                yield chunk[:half]
-                killer.reached(point)
-                yield chunk[half:]
+        async def upload(stream: Callable[[], AsyncIterator[bytes]], *, filename: str) -> str:
+            def halves() -> AsyncIterator[bytes]:
+                async def chunks() -> AsyncIterator[bytes]:
+                    # The real bytes, each chunk sent in two writes: the kill comes between
+                    # them, once the first half has been handed to the connection.
+                    async for chunk in stream():
+                        half = max(1, len(chunk) // 2)
+                        yield chunk[:half]
+                        killer.reached(point)
+                        yield chunk[half:]
 
-        submitter._input_stream = halves  # type: ignore[method-assign]
+                return chunks()
+
+            return await real_upload(halves, filename=filename)
+
+        provider.upload_input = upload  # type: ignore[method-assign]
     elif point == "upload_input:after":
         _wrap(killer, provider, "upload_input", point, before=False)
     elif point == "record_input_file:after":
