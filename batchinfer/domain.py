@@ -82,14 +82,17 @@ class RequestCounts:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
-    """Token usage of one response. ``prompt_tokens`` includes ``cached_tokens``;
-    ``completion_tokens`` includes ``reasoning_tokens`` (OpenAI's convention)."""
+    """Token usage of one response, the same for every provider: ``prompt_tokens`` includes
+    ``cached_tokens`` (read from the prompt cache) and ``cache_write_tokens`` (written to
+    it); ``completion_tokens`` includes ``reasoning_tokens``. Adapters convert their
+    provider's counts to this."""
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    cache_write_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -340,6 +343,8 @@ class Completion:
     started_at: datetime | None
     completed_at: datetime | None
     metadata: JSONObject
+    #: Prompt tokens written to the provider's prompt cache (priced at its write rate).
+    cache_write_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

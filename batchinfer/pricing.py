@@ -29,11 +29,19 @@ class Price:
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
+    #: Prompt tokens read from the cache; None: at the input rate.
     cached_input_per_mtok: Decimal | None = None
+    #: Prompt tokens written to the cache; None: at the input rate.
+    cache_write_per_mtok: Decimal | None = None
 
     def __post_init__(self) -> None:
         # Prices are often written as floats or strings; costs are Decimal, never float.
-        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
+        for name in (
+            "input_per_mtok",
+            "output_per_mtok",
+            "cached_input_per_mtok",
+            "cache_write_per_mtok",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Decimal):
                 try:
@@ -48,6 +56,7 @@ class _Rates:
 
     input: Decimal
     cached: Decimal
+    written: Decimal
     output: Decimal
 
 
@@ -73,8 +82,10 @@ class Pricing:
         if rates is not None:
             prompt = usage.prompt_tokens or 0
             cached = min(usage.cached_tokens or 0, prompt)
+            written = min(usage.cache_write_tokens or 0, prompt - cached)
+            uncached = (prompt - cached - written) * rates.input + cached * rates.cached
             return Costs(
-                input=(prompt - cached) * rates.input + cached * rates.cached,
+                input=uncached + written * rates.written if written else uncached,
                 output=(usage.completion_tokens or 0) * rates.output,
             )
         price = self._price(provider, model)
@@ -85,6 +96,7 @@ class Pricing:
             genai_prices.Usage(
                 input_tokens=usage.prompt_tokens or 0,
                 cache_read_tokens=usage.cached_tokens or 0,
+                cache_write_tokens=usage.cache_write_tokens or 0,
                 output_tokens=usage.completion_tokens or 0,
             )
         )
@@ -121,9 +133,13 @@ class Pricing:
         cached = price.cached_input_per_mtok
         if cached is None:
             cached = price.input_per_mtok
+        written = price.cache_write_per_mtok
+        if written is None:
+            written = price.input_per_mtok
         return _Rates(
             input=price.input_per_mtok * discount / _MTOK,
             cached=cached * discount / _MTOK,
+            written=written * discount / _MTOK,
             output=price.output_per_mtok * discount / _MTOK,
         )
 
@@ -152,13 +168,18 @@ def _lookup(provider: str, model: str) -> Price | Any | None:
         )
         return None
     mp = calc.model_price
-    inp, out, cached = mp.input_mtok, mp.output_mtok, mp.cache_read_mtok
+    inp, out = mp.input_mtok, mp.output_mtok
+    cached, written = mp.cache_read_mtok, mp.cache_write_mtok
     if (
         isinstance(inp, Decimal)
         and isinstance(out, Decimal | None)
         and isinstance(cached, Decimal | None)
+        and isinstance(written, Decimal | None)
     ):
         return Price(
-            input_per_mtok=inp, output_per_mtok=out or Decimal(0), cached_input_per_mtok=cached
+            input_per_mtok=inp,
+            output_per_mtok=out or Decimal(0),
+            cached_input_per_mtok=cached,
+            cache_write_per_mtok=written,
         )
     return mp

@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Any
 
 import genai_prices
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -343,3 +344,70 @@ async def test_batch_costs_are_sums_of_children(
         ).one()
     assert tuple(row) == (batch.input_cost, batch.output_cost, batch.total_cost)
     assert await bi.get_batch(batch) == batch
+
+
+def test_cache_writes_are_priced_at_their_own_rate() -> None:
+    price = Price(
+        input_per_mtok="3",
+        output_per_mtok="15",
+        cached_input_per_mtok="0.3",
+        cache_write_per_mtok="3.75",
+    )
+    pricer = Pricing({"m": price}).pricer("anthropic", "m", HALF)
+    usage = Usage(
+        prompt_tokens=2000, cached_tokens=500, cache_write_tokens=1000, completion_tokens=100
+    )
+    costs = pricer("m", usage)
+    assert costs is not None
+    assert costs.input == (500 * 3 + 500 * Decimal("0.3") + 1000 * Decimal("3.75")) / MTOK * HALF
+    assert costs.output == 100 * 15 / MTOK * HALF
+    # No write rate given: written tokens cost what plain input does.
+    plain = Pricing({"m": Price(input_per_mtok="3", output_per_mtok="15")}).pricer("x", "m", HALF)
+    assert plain("m", usage) == Costs(input=2000 * 3 / MTOK * HALF, output=100 * 15 / MTOK * HALF)
+
+
+def test_cache_writes_agree_with_genai_prices_own_calculation() -> None:
+    """The convention (prompt tokens include cache reads and writes) is genai-prices' own."""
+    usage = Usage(
+        prompt_tokens=2000, cached_tokens=300, cache_write_tokens=1000, completion_tokens=50
+    )
+    ours = Pricing().pricer("anthropic", "claude-sonnet-4-5", Decimal(1))(None, usage)
+    theirs = genai_prices.calc_price(
+        genai_prices.Usage(
+            input_tokens=2000, cache_read_tokens=300, cache_write_tokens=1000, output_tokens=50
+        ),
+        "claude-sonnet-4-5",
+        provider_id="anthropic",
+    )
+    assert ours is not None
+    assert ours.input == theirs.input_price
+    assert ours.output == theirs.output_price
+    assert ours.input > (2000 - 300) * Decimal(3) / MTOK  # writes cost more than plain input
+
+
+async def test_cache_write_tokens_are_stored_and_summed(bi: BatchInfer) -> None:
+    from batchinfer.domain import ParsedResponse, ResultOutcome
+    from batchinfer.storage.rows import RESULT_FIELDS, encode_outcome
+
+    batch = await bi.create_batch(
+        provider="openai", endpoint=CHAT, model="gpt-4o-mini", requests=chat_requests(2)
+    )
+    usage = Usage(prompt_tokens=900, cached_tokens=100, cache_write_tokens=700, completion_tokens=9)
+    outcomes = [
+        ResultOutcome(
+            custom_id=f"q{i}",
+            status=CompletionStatus.COMPLETED,
+            response=ParsedResponse(body={"ok": i}, output_text="ok", usage=usage),
+            status_code=200,
+            costs=Costs(input=Decimal("0.001"), output=Decimal("0.002")),
+        )
+        for i in range(2)
+    ]
+    # Every field an outcome encodes has its column, and the statement writes them all.
+    assert set(orjson.loads(encode_outcome(outcomes[0]))) == {"custom_id", *RESULT_FIELDS}
+    result = await bi._store.results.apply_outcomes(batch.id, outcomes)
+    assert result.applied == 2
+    comps = [c async for c in bi.completions(batch)]
+    assert [c.cache_write_tokens for c in comps] == [700, 700]
+    assert [c.total_cost for c in comps] == [Decimal("0.003")] * 2
+    assert (await bi.summary(batch))["cache_write_tokens"] == 1400

@@ -118,6 +118,7 @@ class CompletionStore:
                 sa.func.coalesce(sa.func.sum(c.completion_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.cached_tokens), 0),
                 sa.func.coalesce(sa.func.sum(c.reasoning_tokens), 0),
+                sa.func.coalesce(sa.func.sum(c.cache_write_tokens), 0),
             )
             .select_from(_OF_BATCH)
             .where(c.batch_id == batch_id)
@@ -134,4 +135,5 @@ class CompletionStore:
             "completion_tokens": sum(int(r[3]) for r in rows),
             "cached_tokens": sum(int(r[4]) for r in rows),
             "reasoning_tokens": sum(int(r[5]) for r in rows),
+            "cache_write_tokens": sum(int(r[6]) for r in rows),
         }

@@ -8,14 +8,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
 from batchinfer.domain import Batch, CompletionStatus, ResultOutcome, ResultSources
 from batchinfer.errors import BatchNotFoundError
 from batchinfer.storage.database import Database
-from batchinfer.storage.rows import batch_from_row, outcome_rows
+from batchinfer.storage.rows import RESULT_FIELDS, batch_from_row, outcome_rows
 from batchinfer.storage.tables import batches, completions
 
 _TERMINAL = (CompletionStatus.COMPLETED.value, CompletionStatus.FAILED.value)
+
+# The apply statement, derived from the table: each field of an encoded row is written to its
+# column, typed as the column is; the total and the time are the server's.
+_DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+
+
+def _record_type(column: sa.Column[object]) -> str:
+    # Money is read unrounded, so the total is the sum of the exact parts, rounded once.
+    if isinstance(column.type, sa.Numeric):
+        return "numeric"
+    return str(column.type.compile(dialect=_DIALECT))
+
+
+_RECORD_TYPES = ", ".join(f"{name} {_record_type(completions.c[name])}" for name in RESULT_FIELDS)
+_ASSIGNMENTS = ", ".join(
+    [f"{name} = v.{name}" for name in RESULT_FIELDS]
+    + ["total_cost = v.input_cost + v.output_cost", "completed_at = now()"]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,32 +90,9 @@ class ResultStore:
         # parse each response body a second time to make it jsonb: twice the server time).
         # It travels as UTF-8 bytes (bytea): no decode to str and encode back on the client.
         sql = sa.text(f"""
-            UPDATE {self.db.q}.completions AS c SET
-                status = v.status,
-                response_body = v.response_body,
-                output_text = v.output_text,
-                tool_calls = v.tool_calls,
-                finish_reason = v.finish_reason,
-                status_code = v.status_code,
-                provider_request_id = v.provider_request_id,
-                prompt_tokens = v.prompt_tokens,
-                completion_tokens = v.completion_tokens,
-                total_tokens = v.total_tokens,
-                cached_tokens = v.cached_tokens,
-                reasoning_tokens = v.reasoning_tokens,
-                input_cost = v.input_cost,
-                output_cost = v.output_cost,
-                total_cost = v.input_cost + v.output_cost,
-                failure_error = v.failure_error,
-                failure_reason = v.failure_reason,
-                completed_at = now()
-            FROM jsonb_to_recordset(CAST(convert_from(:rows, 'UTF8') AS jsonb)) AS v(
-                custom_id text, status text, response_body jsonb, output_text text,
-                tool_calls jsonb, finish_reason text, status_code int,
-                provider_request_id text, prompt_tokens int, completion_tokens int,
-                total_tokens int, cached_tokens int, reasoning_tokens int,
-                input_cost numeric, output_cost numeric, failure_error text,
-                failure_reason text)
+            UPDATE {self.db.q}.completions AS c SET {_ASSIGNMENTS}
+            FROM jsonb_to_recordset(CAST(convert_from(:rows, 'UTF8') AS jsonb))
+                AS v(custom_id text, {_RECORD_TYPES})
             WHERE {target} AND c.status NOT IN ('completed', 'failed')
             RETURNING c.custom_id
         """)

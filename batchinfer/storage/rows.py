@@ -72,6 +72,29 @@ def _jsonb(value: Any) -> sa.Cast[Any]:
     return sa.cast(sa.literal(dumps(value), sa.Text), JSONB)
 
 
+#: The fields of an encoded outcome, after its custom_id: each is written to the completion's
+#: column of that name (``results.py`` builds its statement from this list and the table).
+RESULT_FIELDS = (
+    "status",
+    "status_code",
+    "provider_request_id",
+    "failure_error",
+    "failure_reason",
+    "response_body",
+    "output_text",
+    "tool_calls",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "input_cost",
+    "output_cost",
+)
+
+
 def encode_outcome(o: ResultOutcome) -> bytes:
     """One outcome as the JSON object the apply statement reads: encoded as soon as a line is
     parsed, so a queued chunk holds bytes, not a graph of objects for the collector to walk."""
@@ -94,6 +117,7 @@ def encode_outcome(o: ResultOutcome) -> bytes:
         row["completion_tokens"] = u.completion_tokens
         row["total_tokens"] = u.total_tokens
         row["cached_tokens"] = u.cached_tokens
+        row["cache_write_tokens"] = u.cache_write_tokens
         row["reasoning_tokens"] = u.reasoning_tokens
     if o.costs is not None:
         # Decimal as a JSON string: numeric parses it exactly, no float on the way.

@@ -183,6 +183,7 @@ completions = Table(
     Column("started_at", Timestamp),
     Column("completed_at", Timestamp),
     Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("cache_write_tokens", Integer),
     CheckConstraint(_in("status", COMPLETION_STATUSES), name="status"),
     # Also the index every per-batch statement uses (batch_id is its first column).
     Index("uq_completions_batch_id_custom_id", "batch_id", "custom_id", unique=True),

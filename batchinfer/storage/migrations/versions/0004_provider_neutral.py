@@ -1,5 +1,6 @@
 """Provider-neutral batches: where the results are, as a list of sources rather than two
-files; a submit's notes for its own retry; the steps that keep failing.
+files; a submit's notes for its own retry; the steps that keep failing; tokens written to a
+provider's prompt cache.
 
 Revision ID: 0004
 Revises: 0003
@@ -27,6 +28,7 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN submit_state jsonb NOT NULL DEFAULT '{{}}'")
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN step_failures integer NOT NULL DEFAULT 0")
     op.execute(f"ALTER TABLE {s}.batches ADD COLUMN last_error jsonb")
+    op.execute(f"ALTER TABLE {s}.completions ADD COLUMN cache_write_tokens integer")
     # Every batch submitted before this version went through the OpenAI adapter: its sources
     # are its output and error files, and what is still to come is judged by its counts, as
     # that adapter now does on every poll.
@@ -56,6 +58,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     s = _schema()
+    op.execute(f"ALTER TABLE {s}.completions DROP COLUMN cache_write_tokens")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN last_error")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN step_failures")
     op.execute(f"ALTER TABLE {s}.batches DROP COLUMN submit_state")
