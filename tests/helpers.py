@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from batchinfer.testing import Emulator
+
 
 def chat_requests(n: int, *, prefix: str = "q", words: int = 5) -> list[dict[str, Any]]:
     return [
@@ -33,3 +35,8 @@ async def eventually(probe: Callable[[], Awaitable[object]], *, seconds: float =
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"still not true after {seconds} s: {probe}")
         await asyncio.sleep(0.01)
+
+
+def calls(emulator: Emulator, method: str, path: str) -> int:
+    """How many requests the emulator received for ``method path`` (query left out)."""
+    return sum(1 for m, p in emulator.requests if m == method and p == path)

@@ -17,14 +17,10 @@ from batchinfer import (
     OpenAIProvider,
 )
 from batchinfer.testing import Emulator, FakeClock
-from tests.helpers import chat_requests
+from tests.helpers import calls, chat_requests
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
-
-
-def calls(emulator: Emulator, method: str, path: str) -> int:
-    return sum(1 for m, p in emulator.requests if m == method and p == path)
 
 
 async def test_wait_gives_up_on_a_batch_whose_worker_keeps_failing(

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 
 from batchinfer.domain import (
     Batch,
@@ -21,7 +20,7 @@ from batchinfer.domain import (
 )
 from batchinfer.errors import BatchNotFoundError, InvalidBatchError
 from batchinfer.storage.database import Database
-from batchinfer.storage.rows import batch_from_row, dumps, provider_values
+from batchinfer.storage.rows import as_jsonb, batch_from_row, dumps, provider_values
 from batchinfer.storage.tables import Timestamp, batches
 
 _COPY_CHUNK = 5_000
@@ -198,9 +197,7 @@ class BatchStore:
                 batches.update()
                 .where(batches.c.id == batch_id, batches.c.status == BatchStatus.PENDING.value)
                 .values(
-                    submit_state=batches.c.submit_state.op("||")(
-                        sa.cast(sa.literal(dumps(dict(notes)), sa.Text), JSONB)
-                    ),
+                    submit_state=batches.c.submit_state.op("||")(as_jsonb(dict(notes))),
                     updated_at=sa.func.now(),
                 )
             )
@@ -315,18 +312,8 @@ class BatchStore:
         the batch is looked at again then. None when the batch is gone."""
         values: dict[str, Any] = {
             "step_failures": batches.c.step_failures + 1,
-            "last_error": sa.cast(
-                sa.literal(
-                    dumps(
-                        {
-                            "kind": error.kind,
-                            "message": error.message[:2000],
-                            "permanent": error.permanent,
-                        }
-                    ),
-                    sa.Text,
-                ),
-                JSONB,
+            "last_error": as_jsonb(
+                {"kind": error.kind, "message": error.message[:2000], "permanent": error.permanent}
             ),
             "updated_at": sa.func.now(),
         }

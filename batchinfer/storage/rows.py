@@ -53,14 +53,14 @@ def provider_values(pb: ProviderBatch) -> dict[str, Any]:
         "counts_completed": pb.request_counts.completed,
         "counts_failed": pb.request_counts.failed,
         # Through dumps(), so a NUL in the provider's text cannot fail the write.
-        "provider_errors": _jsonb(
+        "provider_errors": as_jsonb(
             [
                 {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
                 for e in pb.errors
             ]
         ),
-        "provider_response": _jsonb(pb.raw),
-        "result_sources": _jsonb(pb.results.to_json()),
+        "provider_response": as_jsonb(pb.raw),
+        "result_sources": as_jsonb(pb.results.to_json()),
         # The provider answered: whatever failed before has passed.
         **STEP_WENT_THROUGH,
         "failure_reason": _no_nul(pb.failure_reason()),
@@ -68,7 +68,8 @@ def provider_values(pb: ProviderBatch) -> dict[str, Any]:
     }
 
 
-def _jsonb(value: Any) -> sa.Cast[Any]:
+def as_jsonb(value: Any) -> sa.Cast[Any]:
+    """A value bound as jsonb, through dumps(): a NUL in it cannot fail the write."""
     return sa.cast(sa.literal(dumps(value), sa.Text), JSONB)
 
 
