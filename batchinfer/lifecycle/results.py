@@ -126,7 +126,7 @@ class ResultsPass:
         """The batch with its results applied, and what this pass did (None: already done).
 
         Results the provider says are still to come are waited for (ResultsNotReadyError)
-        until ``not_ready_grace`` seconds after the batch ended, by ``now`` (the database's
+        until ``not_ready_grace`` seconds after the batch ended, by ``now`` (this machine's
         clock when None); past that, what is there is applied and the rest swept as missing,
         rather than the batch waiting for ever.
 
