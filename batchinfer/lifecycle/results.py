@@ -176,7 +176,7 @@ class ResultsPass:
                         f"{sources.waiting_for}; poll its status again before fetching (or pass "
                         "force=True to fail what is not there)"
                     )
-            seen: set[str] = set()
+            seen = _Seen(since=await self.store.results.clock())
             for source in sources.sources:
                 await self._apply_source(batch, source, seen, tally)
         line_reasons: dict[int, str] = {}
@@ -252,7 +252,7 @@ class ResultsPass:
         return await self.store.batches.record_files_deleted(batch.id)
 
     async def _apply_source(
-        self, batch: Batch, source: ResultSource, seen: set[str], tally: _Tally
+        self, batch: Batch, source: ResultSource, seen: _Seen, tally: _Tally
     ) -> None:
         """Stream one source: parse in this task, write chunks from ``writers`` tasks."""
         file_id = source.ref
@@ -261,16 +261,19 @@ class ResultsPass:
 
         async def writer() -> None:
             while (chunk := await queue.get()) is not None:
-                result = await self._write_chunk(batch, file_id, chunk)
+                result = await self._write_chunk(batch, file_id, chunk, since=seen.since)
+                seen.written(chunk.custom_ids, result)
                 tally.applied += result.applied
                 tally.already_applied += len(result.already_applied)
-                if result.unknown:
-                    unknown = set(result.unknown)
-                    tally.unknown += len(unknown)
+                tally.unknown += len(result.unknown)
+                tally.duplicates += len(result.applied_since)
+                odd = dict.fromkeys(result.unknown, "result_unknown_custom_id")
+                odd.update((c, "result_duplicate") for c in result.applied_since)
+                if odd:
                     for line_no, custom_id in zip(chunk.line_nos, chunk.custom_ids, strict=True):
-                        if custom_id in unknown:
+                        if custom_id in odd:
                             log(
-                                "result_unknown_custom_id",
+                                odd[custom_id],
                                 batch,
                                 level=logging.WARNING,
                                 file_id=file_id,
@@ -290,7 +293,7 @@ class ResultsPass:
                     outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
                     if outcome is None:
                         continue
-                    if outcome.custom_id in seen:
+                    if seen.before(outcome.custom_id):
                         tally.duplicates += 1
                         log(
                             "result_duplicate",
@@ -301,7 +304,7 @@ class ResultsPass:
                             custom_id=outcome.custom_id,
                         )
                         continue
-                    seen.add(outcome.custom_id)
+                    seen.pending.add(outcome.custom_id)
                     chunk.add(line.line_no, outcome.custom_id, encode_outcome(outcome))
                     if len(chunk) >= self.chunk_size:
                         await queue.put(chunk)
@@ -328,17 +331,21 @@ class ResultsPass:
                 raise first from first.__cause__
             raise
 
-    async def _write_chunk(self, batch: Batch, file_id: str, chunk: _Chunk) -> ApplyResult:
+    async def _write_chunk(
+        self, batch: Batch, file_id: str, chunk: _Chunk, *, since: datetime
+    ) -> ApplyResult:
         """One chunk in one statement; should the database refuse a value, row by row, so one
         bad result fails alone (logged with its line) instead of stopping the pass."""
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_rows(batch.id, chunk.document(), chunk.custom_ids)
+                self.store.results.apply_rows(
+                    batch.id, chunk.document(), chunk.custom_ids, since=since
+                )
             )
         except DataRejectedError:
             pass
         results = [
-            await self._write_one(batch, file_id, line_no, custom_id, chunk.row(i))
+            await self._write_one(batch, file_id, line_no, custom_id, chunk.row(i), since=since)
             for i, (line_no, custom_id) in enumerate(
                 zip(chunk.line_nos, chunk.custom_ids, strict=True)
             )
@@ -347,14 +354,22 @@ class ResultsPass:
             applied=sum(r.applied for r in results),
             already_applied=[c for r in results for c in r.already_applied],
             unknown=[c for r in results for c in r.unknown],
+            applied_since=[c for r in results for c in r.applied_since],
         )
 
     async def _write_one(
-        self, batch: Batch, file_id: str, line_no: int, custom_id: str, row: bytes
+        self,
+        batch: Batch,
+        file_id: str,
+        line_no: int,
+        custom_id: str,
+        row: bytes,
+        *,
+        since: datetime,
     ) -> ApplyResult:
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_rows(batch.id, b"[" + row + b"]", [custom_id])
+                self.store.results.apply_rows(batch.id, b"[" + row + b"]", [custom_id], since=since)
             )
         except DataRejectedError as exc:
             log(
@@ -413,6 +428,32 @@ class ResultsPass:
                 failure_error="batchinfer could not read this result",
                 failure_reason=f"{type(exc).__name__}: {exc}"[:255],
             )
+
+
+class _Seen:
+    """The custom_ids a pass has met, kept in as little memory as a batch of any size allows.
+
+    Ids whose chunk is queued or being written are held here: a few chunks' worth. Once a
+    chunk is written its rows remember for it: a later line for one of its ids finds the row
+    ended since the pass began (``applied_since``), a duplicate, and changes nothing, so the
+    first line wins. Kept for the whole pass are only the ids the rows cannot answer for:
+    unknown ones, and those an earlier pass applied.
+    """
+
+    __slots__ = ("kept", "pending", "since")
+
+    def __init__(self, *, since: datetime) -> None:
+        self.since = since
+        self.pending: set[str] = set()
+        self.kept: set[str] = set()
+
+    def before(self, custom_id: str) -> bool:
+        """Whether an earlier line of this pass had this id (and its row does not say so)."""
+        return custom_id in self.pending or custom_id in self.kept
+
+    def written(self, custom_ids: list[str], result: ApplyResult) -> None:
+        self.kept.update(result.unknown, result.already_applied)
+        self.pending.difference_update(custom_ids)
 
 
 class _SourcesChanged(Exception):

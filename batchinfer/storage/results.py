@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
@@ -42,6 +43,8 @@ class ApplyResult:
     applied: int
     already_applied: list[str]
     unknown: list[str]
+    #: Already applied since ``since``: by this same pass, from an earlier line.
+    applied_since: list[str] = field(default_factory=list)
 
 
 class ResultStore:
@@ -74,9 +77,12 @@ class ResultStore:
         custom_ids: Sequence[str],
         *,
         completion_id: int | None = None,
+        since: datetime | None = None,
     ) -> ApplyResult:
         """The same, for outcomes already encoded (``rows.encode_outcome``) into one JSON array
-        ``document`` whose rows are for ``custom_ids``, in order.
+        ``document`` whose rows are for ``custom_ids``, in order. Rows already terminal are
+        told apart by when they ended: at or after ``since`` (a pass's start) in
+        ``applied_since``, before it in ``already_applied``.
 
         A batch's rows keep ``started_at`` empty: they started with their batch, which says
         when (see ``completions.py``)."""
@@ -100,23 +106,34 @@ class ResultStore:
         async with self.db.tx(f"applying results to batch {batch_id}") as conn:
             done = {r[0] for r in await conn.execute(sql, params)}
             missed = [c for c in custom_ids if c not in done]
-            known: set[str] = set()
+            ended: dict[str, datetime | None] = {}
             if missed and completion_id is None:
-                known = set(
-                    (
-                        await conn.execute(
-                            sa.select(completions.c.custom_id).where(
-                                completions.c.batch_id == batch_id,
-                                completions.c.custom_id.in_(missed),
-                            )
+                ended = {
+                    r.custom_id: r.completed_at
+                    for r in await conn.execute(
+                        sa.select(completions.c.custom_id, completions.c.completed_at).where(
+                            completions.c.batch_id == batch_id,
+                            completions.c.custom_id.in_(missed),
                         )
-                    ).scalars()
-                )
+                    )
+                }
+
+        def lately(custom_id: str) -> bool:
+            at = ended[custom_id]
+            return since is not None and at is not None and at >= since
+
         return ApplyResult(
             applied=len(done),
-            already_applied=[c for c in missed if c in known],
-            unknown=[c for c in missed if c not in known],
+            already_applied=[c for c in missed if c in ended and not lately(c)],
+            unknown=[c for c in missed if c not in ended],
+            applied_since=[c for c in missed if c in ended and lately(c)],
         )
+
+    async def clock(self) -> datetime:
+        """The database's time now: what ``since`` is measured by."""
+        async with self.db.connect("reading the database's clock") as conn:
+            now: datetime = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
+        return now
 
     async def finish_results(
         self,
