@@ -13,8 +13,6 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 
-import orjson
-
 from batchinfer.domain import (
     ApplyReport,
     Batch,
@@ -38,7 +36,7 @@ from batchinfer.lifecycle.common import Providers, finish_even_if_cancelled, log
 from batchinfer.pricing import Pricing
 from batchinfer.providers.base import Provider
 from batchinfer.storage.results import ApplyResult
-from batchinfer.storage.rows import encode_outcome
+from batchinfer.storage.rows import ResultColumns
 from batchinfer.storage.store import Store
 
 _YIELD_EVERY = 100
@@ -54,39 +52,6 @@ class _Tally:
     unknown: int = 0
     duplicates: int = 0
     malformed: int = 0
-
-
-class _Chunk:
-    """Outcomes encoded into one growing JSON array, with what logs and fallbacks need."""
-
-    __slots__ = ("buffer", "custom_ids", "ends", "line_nos")
-
-    def __init__(self) -> None:
-        self.buffer = bytearray(b"[")
-        self.ends: list[int] = []
-        self.custom_ids: list[str] = []
-        self.line_nos: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def add(self, line_no: int, custom_id: str, row: bytes) -> None:
-        if self.ends:
-            self.buffer += b","
-        self.buffer += row
-        self.ends.append(len(self.buffer))
-        self.custom_ids.append(custom_id)
-        self.line_nos.append(line_no)
-
-    def document(self) -> bytearray:
-        """The JSON array, closed in place (no copy of a chunk's megabytes)."""
-        if not self.buffer.endswith(b"]"):
-            self.buffer += b"]"
-        return self.buffer
-
-    def row(self, index: int) -> bytes:
-        start = self.ends[index - 1] + 1 if index else 1
-        return bytes(self.buffer[start : self.ends[index]])
 
 
 class ResultsPass:
@@ -257,7 +222,7 @@ class ResultsPass:
         """Stream one source: parse in this task, write chunks from ``writers`` tasks."""
         file_id = source.ref
         # As deep as there are writers: each has its next chunk ready, and no more is held.
-        queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=self.writers)
+        queue: asyncio.Queue[ResultColumns | None] = asyncio.Queue(maxsize=self.writers)
 
         async def writer() -> None:
             while (chunk := await queue.get()) is not None:
@@ -287,7 +252,7 @@ class ResultsPass:
         await asyncio.to_thread(price, batch.model, Usage(prompt_tokens=1, completion_tokens=1))
 
         async def producer() -> None:
-            chunk = _Chunk()
+            chunk = ResultColumns()
             async with adapter.open_results(source) as chunks:
                 async for line in iter_lines(chunks, max_line_bytes=self.max_line_bytes):
                     outcome = self._parse_line(batch, adapter, file_id, line, price, tally)
@@ -305,10 +270,10 @@ class ResultsPass:
                         )
                         continue
                     seen.pending.add(outcome.custom_id)
-                    chunk.add(line.line_no, outcome.custom_id, encode_outcome(outcome))
+                    chunk.add(outcome, line.line_no)
                     if len(chunk) >= self.chunk_size:
                         await queue.put(chunk)
-                        chunk = _Chunk()
+                        chunk = ResultColumns()
                     elif len(chunk) % _YIELD_EVERY == 0:
                         # Buffered reads do not suspend; let finished writes be picked up.
                         await asyncio.sleep(0)
@@ -332,23 +297,19 @@ class ResultsPass:
             raise
 
     async def _write_chunk(
-        self, batch: Batch, file_id: str, chunk: _Chunk, *, since: datetime
+        self, batch: Batch, file_id: str, chunk: ResultColumns, *, since: datetime
     ) -> ApplyResult:
         """One chunk in one statement; should the database refuse a value, row by row, so one
         bad result fails alone (logged with its line) instead of stopping the pass."""
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_rows(
-                    batch.id, chunk.document(), chunk.custom_ids, since=since
-                )
+                self.store.results.apply_rows(batch.id, chunk, since=since)
             )
         except DataRejectedError:
             pass
         results = [
-            await self._write_one(batch, file_id, line_no, custom_id, chunk.row(i), since=since)
-            for i, (line_no, custom_id) in enumerate(
-                zip(chunk.line_nos, chunk.custom_ids, strict=True)
-            )
+            await self._write_one(batch, file_id, chunk.row(i), since=since)
+            for i in range(len(chunk))
         ]
         return ApplyResult(
             applied=sum(r.applied for r in results),
@@ -361,15 +322,14 @@ class ResultsPass:
         self,
         batch: Batch,
         file_id: str,
-        line_no: int,
-        custom_id: str,
-        row: bytes,
+        row: ResultColumns,
         *,
         since: datetime,
     ) -> ApplyResult:
+        line_no, custom_id = row.line_nos[0], row.custom_ids[0]
         try:
             return await finish_even_if_cancelled(
-                self.store.results.apply_rows(batch.id, b"[" + row + b"]", [custom_id], since=since)
+                self.store.results.apply_rows(batch.id, row, since=since)
             )
         except DataRejectedError as exc:
             log(
@@ -381,11 +341,13 @@ class ResultsPass:
                 custom_id=custom_id,
                 error=str(exc),
             )
-            status_code = orjson.loads(row).get("status_code")
+            status_code = row.field("status_code", 0)  # the value refused, perhaps
+            if not (isinstance(status_code, int) and 0 <= status_code <= 999):
+                status_code = None
             failed = ResultOutcome(
                 custom_id=custom_id,
                 status=CompletionStatus.FAILED,
-                status_code=status_code if isinstance(status_code, int) else None,
+                status_code=status_code,
                 failure_error="batchinfer could not store this result",
                 failure_reason=f"line {line_no} of file {file_id}: {exc}"[:255],
             )

@@ -33,6 +33,7 @@ def _no_nul(text: str | None) -> str | None:
 
 
 def dumps(value: Any) -> str | None:
+    """A JSON value as the text a jsonb column parses, with any NUL made U+FFFD."""
     if value is None:
         return None
     text = orjson.dumps(value).decode()
@@ -73,7 +74,7 @@ def as_jsonb(value: Any) -> sa.Cast[Any]:
     return sa.cast(sa.literal(dumps(value), sa.Text), JSONB)
 
 
-#: The fields of an encoded outcome, after its custom_id: each is written to the completion's
+#: The fields of an applied outcome, after its custom_id: each is written to the completion's
 #: column of that name (``results.py`` builds its statement from this list and the table).
 RESULT_FIELDS = (
     "status",
@@ -95,48 +96,85 @@ RESULT_FIELDS = (
     "output_cost",
 )
 
+_EMPTY_RESPONSE = (None,) * 10
 
-def encode_outcome(o: ResultOutcome) -> bytes:
-    """One outcome as the JSON object the apply statement reads: encoded as soon as a line is
-    parsed, so a queued chunk holds bytes, not a graph of objects for the collector to walk."""
-    row: dict[str, Any] = {
-        "custom_id": o.custom_id,
-        "status": o.status.value,
-        "status_code": o.status_code,
-        "provider_request_id": o.provider_request_id,
-        "failure_error": o.failure_error,
-        "failure_reason": o.failure_reason,
-    }
+
+def outcome_values(o: ResultOutcome) -> tuple[Any, ...]:
+    """One outcome as the values of ``RESULT_FIELDS``, in order: strings, integers and None.
+    JSON goes as text (the server parses it into jsonb), money as exact decimal text."""
     r = o.response
-    if r is not None:
+    if r is None:
+        response: tuple[Any, ...] = _EMPTY_RESPONSE
+    else:
         u = r.usage
-        row["response_body"] = r.body
-        row["output_text"] = r.output_text
-        row["tool_calls"] = r.tool_calls
-        row["finish_reason"] = r.finish_reason
-        row["prompt_tokens"] = u.prompt_tokens
-        row["completion_tokens"] = u.completion_tokens
-        row["total_tokens"] = u.total_tokens
-        row["cached_tokens"] = u.cached_tokens
-        row["cache_write_tokens"] = u.cache_write_tokens
-        row["reasoning_tokens"] = u.reasoning_tokens
-    if o.costs is not None:
-        # Decimal as a JSON string: numeric parses it exactly, no float on the way.
-        row["input_cost"] = str(o.costs.input)
-        row["output_cost"] = str(o.costs.output)
-    encoded = orjson.dumps(row)
-    if b"\\u0000" in encoded:
-        encoded = _ENCODED_NUL.sub(r"\1\\ufffd", encoded.decode()).encode()
-    return encoded
+        response = (
+            dumps(r.body),
+            _no_nul(r.output_text),
+            dumps(r.tool_calls),
+            _no_nul(r.finish_reason),
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.total_tokens,
+            u.cached_tokens,
+            u.cache_write_tokens,
+            u.reasoning_tokens,
+        )
+    costs = (None, None) if o.costs is None else (str(o.costs.input), str(o.costs.output))
+    return (
+        o.status.value,
+        o.status_code,
+        _no_nul(o.provider_request_id),
+        _no_nul(o.failure_error),
+        _no_nul(o.failure_reason),
+        *response,
+        *costs,
+    )
 
 
-def outcome_rows(outcomes: Sequence[ResultOutcome]) -> bytes:
-    return rows_document([encode_outcome(o) for o in outcomes])
+class ResultColumns:
+    """A chunk of outcomes as one list per column: the apply statement's array parameters.
 
+    Outcomes are flattened into these lists as soon as they are parsed, so a queued chunk holds
+    a few lists of strings and integers, not a graph of objects for the collector to walk. The
+    driver sends each list as one binary array, so the server parses no JSON but the bodies
+    themselves (a JSON document of the whole chunk cost it more than the update did).
+    """
 
-def rows_document(rows: Sequence[bytes]) -> bytes:
-    """Encoded rows as one JSON array, the statement's single parameter."""
-    return b"[" + b",".join(rows) + b"]"
+    __slots__ = ("custom_ids", "line_nos", "values")
+
+    def __init__(self) -> None:
+        self.custom_ids: list[str] = []
+        #: Where each row came from (a line of the provider's results), for logs.
+        self.line_nos: list[int] = []
+        self.values: tuple[list[Any], ...] = tuple([] for _ in RESULT_FIELDS)
+
+    def __len__(self) -> int:
+        return len(self.custom_ids)
+
+    def add(self, outcome: ResultOutcome, line_no: int = 0) -> None:
+        self.custom_ids.append(outcome.custom_id)
+        self.line_nos.append(line_no)
+        for column, value in zip(self.values, outcome_values(outcome), strict=True):
+            column.append(value)
+
+    def row(self, index: int) -> ResultColumns:
+        """The row at ``index`` alone, to be written by itself."""
+        one = ResultColumns()
+        one.custom_ids.append(self.custom_ids[index])
+        one.line_nos.append(self.line_nos[index])
+        for mine, theirs in zip(one.values, self.values, strict=True):
+            mine.append(theirs[index])
+        return one
+
+    def field(self, name: str, index: int) -> Any:
+        return self.values[RESULT_FIELDS.index(name)][index]
+
+    @classmethod
+    def of(cls, outcomes: Sequence[ResultOutcome]) -> ResultColumns:
+        columns = cls()
+        for outcome in outcomes:
+            columns.add(outcome)
+        return columns
 
 
 def batch_from_row(row: sa.Row[Any]) -> Batch:
