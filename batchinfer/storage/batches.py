@@ -164,22 +164,26 @@ class BatchStore:
     async def request_pages(
         self, batch_id: uuid.UUID, *, page_size: int = 2_000
     ) -> AsyncIterator[list[tuple[str, bytes]]]:
-        """(custom_id, body JSON as stored) in line order, a page per short query (keyset)."""
-        after_line = 0
+        """(custom_id, body JSON as stored) in line order, a page per short query."""
+        # Line numbers are 1..request_total: each page is a window of them, an index range
+        # the planner cannot get wrong. (``line_no > :after ... LIMIT`` on a table with no
+        # statistics yet was planned as a sort of the rest of the batch for every page: a
+        # fresh table's first submit ran at half the speed.)
         query = sa.text(
-            f"SELECT line_no, custom_id, request_body::text FROM {self.db.q}.completions "
-            "WHERE batch_id = :b AND line_no > :after ORDER BY line_no LIMIT :n"
+            f"SELECT custom_id, request_body::text FROM {self.db.q}.completions "
+            "WHERE batch_id = :b AND line_no > :after AND line_no <= :after + :n ORDER BY line_no"
         )
+        after = 0
         while True:
             async with self.db.connect(f"reading the requests of batch {batch_id}") as conn:
                 rows = (
-                    await conn.execute(query, {"b": batch_id, "after": after_line, "n": page_size})
+                    await conn.execute(query, {"b": batch_id, "after": after, "n": page_size})
                 ).all()
             if not rows:
                 return
             # Stored as json text, exactly as validated and encoded at create time.
-            yield [(r[1], r[2].encode()) for r in rows]
-            after_line = rows[-1][0]
+            yield [(r[0], r[1].encode()) for r in rows]
+            after += page_size
 
     async def record_input_file(self, batch_id: uuid.UUID, file_id: str) -> None:
         """Remember the uploaded file before creating the batch, so a retry need not re-upload."""

@@ -53,31 +53,35 @@ class CompletionStore:
         status: CompletionStatus | None = None,
         page_size: int = 1_000,
     ) -> AsyncIterator[list[Completion]]:
-        after = 0
-        while True:
+        # A batch's line numbers are 1..request_total, so each page is a window of them: an
+        # index range the planner cannot get wrong. (An open-ended ``line_no > after ... LIMIT``
+        # on a table without statistics yet was planned as a sort of the rest of the batch
+        # for every page.)
+        async with self.db.connect(f"reading the completions of batch {batch_id}") as conn:
+            total = await self._request_total(conn, batch_id)
+        for after in range(0, total, page_size):
             query = (
                 _select()
-                .where(completions.c.batch_id == batch_id, completions.c.line_no > after)
+                .where(
+                    completions.c.batch_id == batch_id,
+                    completions.c.line_no > after,
+                    completions.c.line_no <= after + page_size,
+                )
                 .order_by(completions.c.line_no)
-                .limit(page_size)
             )
             if status is not None:
                 query = query.where(_STATUS.op("=")(status.value))
             async with self.db.connect(f"reading the completions of batch {batch_id}") as conn:
                 rows = (await conn.execute(query)).all()
-                if not rows and after == 0:
-                    await self._check_exists(conn, batch_id)
-            if not rows:
-                return
-            yield [completion_from_row(r) for r in rows]
-            after = rows[-1].line_no
+            if rows:
+                yield [completion_from_row(r) for r in rows]
 
-    async def _check_exists(self, conn: AsyncConnection, batch_id: uuid.UUID) -> None:
-        # Only asked when a batch shows no completions, which every real batch has: an unknown
-        # id must not pass for an empty batch, and a known one pays nothing for the check.
-        query = sa.select(sa.exists().where(batches.c.id == batch_id))
-        if not (await conn.execute(query)).scalar():
+    async def _request_total(self, conn: AsyncConnection, batch_id: uuid.UUID) -> int:
+        query = sa.select(batches.c.request_total).where(batches.c.id == batch_id)
+        total = (await conn.execute(query)).scalar()
+        if total is None:
             raise BatchNotFoundError(f"no batch {batch_id} in schema {self.db.schema!r}")
+        return int(total)
 
     async def get(self, completion_id: int) -> Completion:
         async with self.db.connect(f"reading completion {completion_id}") as conn:
@@ -127,7 +131,7 @@ class CompletionStore:
         async with self.db.connect(f"summarising batch {batch_id}") as conn:
             rows = (await conn.execute(query)).all()
             if not rows:
-                await self._check_exists(conn, batch_id)
+                await self._request_total(conn, batch_id)  # raises for an unknown batch
         by_status = {r[0]: int(r[1]) for r in rows}
         return {
             "by_status": by_status,
