@@ -35,6 +35,18 @@ from batchinfer.domain import (
 from batchinfer.errors import PermanentProviderError, ProviderRejectedError
 from batchinfer.jsonl import encode_request_line
 from batchinfer.providers.base import InputStream, RequestPages, SubmitCheckpoint
+from batchinfer.providers.common import (
+    FAILURE_TEXT_LIMIT,
+    INT4_MAX,
+    HttpProvider,
+    as_dict,
+    as_int,
+    as_str,
+    checked_api_key,
+    never,
+    submit_event,
+    warn_if_unverified,
+)
 from batchinfer.providers.http import HttpClient, retry_hook
 
 logger = logging.getLogger(__name__)
@@ -55,7 +67,6 @@ BATCH_ENDPOINTS = frozenset(
     }
 )
 
-_FAILURE_TEXT_LIMIT = 255
 
 # The field each endpoint cannot do without; OpenAI rejects a body without it.
 _REQUIRED_BODY_FIELD = {
@@ -106,11 +117,7 @@ _FRESH_SECONDS = 60.0
 _FRESH_KEPT = 10_000
 
 
-def _no_retry(exc: BaseException) -> bool:
-    return False
-
-
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider[OpenAIRules]):
     """OpenAI, or any server speaking its Files and Batches API (``base_url``).
 
     ``batch_discount`` is the factor batch results are priced at relative to live calls;
@@ -133,57 +140,25 @@ class OpenAIProvider:
         attempts: int = 5,
         verify_tls: bool = True,
     ) -> None:
-        if not isinstance(api_key, str) or not api_key.strip():
-            raise ValueError("OpenAIProvider needs an api_key (for example from OPENAI_API_KEY)")
-        # Keys read from files often end in a newline; any other control character is a mistake.
-        api_key = api_key.strip()
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in api_key):
-            raise ValueError("the api_key contains a control character; check how it was read")
+        api_key = checked_api_key(api_key, provider="OpenAIProvider", variable="OPENAI_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"}
         if organization:
             headers["OpenAI-Organization"] = organization
         if project:
             headers["OpenAI-Project"] = project
-        if not verify_tls:
-            logger.warning(
-                "batchinfer.tls_unverified: certificates of %s are not checked", base_url
-            )
-        self._http = HttpClient(
-            base_url, headers, session=session, attempts=attempts, verify_tls=verify_tls
+        warn_if_unverified(base_url, verify_tls)
+        super().__init__(
+            http=HttpClient(
+                base_url, headers, session=session, attempts=attempts, verify_tls=verify_tls
+            ),
+            name=name,
+            pricing_id=pricing_id,
+            batch_discount=batch_discount,
+            rules=OpenAIRules(limits or BatchLimits(endpoints=BATCH_ENDPOINTS)),
         )
-        self._name = name
-        self._pricing_id = pricing_id
-        self._discount = Decimal(str(batch_discount))
-        self._rules = OpenAIRules(limits or BatchLimits(endpoints=BATCH_ENDPOINTS))
         self._created: dict[str, float] = {}
         #: How many of the provider's newest batches a retried submit looks through.
         self.reattach_scan = 1_000
-
-    def __repr__(self) -> str:
-        return f"OpenAIProvider(name={self._name!r}, base_url={self._http.base_url!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def pricing_id(self) -> str:
-        return self._pricing_id
-
-    @property
-    def batch_discount(self) -> Decimal:
-        return self._discount
-
-    @property
-    def limits(self) -> BatchLimits:
-        return self._rules.limits
-
-    @property
-    def rules(self) -> OpenAIRules:
-        return self._rules
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     def encode_line(self, custom_id: str, endpoint: str, body_json: bytes) -> bytes:
         return encode_request_line(custom_id, endpoint, body_json)
@@ -204,7 +179,7 @@ class OpenAIProvider:
             file_id = await self.find_input_file(filename)
             if file_id is not None:
                 await checkpoint.record_input(file_id)
-                _event("input_file_adopted", key, input_file_id=file_id)
+                submit_event(logger, "input_file_adopted", key, input_file_id=file_id)
         if file_id is None:
 
             async def lines() -> AsyncIterator[bytes]:
@@ -213,11 +188,11 @@ class OpenAIProvider:
 
             file_id = await self.upload_input(lines, filename=filename)
             await checkpoint.record_input(file_id)
-            _event("input_uploaded", key, input_file_id=file_id)
+            submit_event(logger, "input_uploaded", key, input_file_id=file_id)
         else:
             found = await self.find_batch(metadata=tag, max_batches=self.reattach_scan)
             if found is not None:
-                _event("batch_reattached", key, provider_batch_id=found.id)
+                submit_event(logger, "batch_reattached", key, provider_batch_id=found.id)
                 return found
         return await self.create_batch(input_file_id=file_id, endpoint=key.endpoint, metadata=tag)
 
@@ -251,7 +226,7 @@ class OpenAIProvider:
                     "/files",
                     data=multipart,
                     what="uploading the batch input file",
-                    retry_on=_no_retry,
+                    retry_on=never,
                 )
                 file_id = body.get("id")
                 if not isinstance(file_id, str):
@@ -320,7 +295,7 @@ class OpenAIProvider:
                         "metadata": metadata,
                     },
                     what="creating the batch",
-                    retry_on=_no_retry,
+                    retry_on=never,
                 )
                 pb = self._batch(body)
                 self._remember(pb.id)
@@ -348,7 +323,7 @@ class OpenAIProvider:
             page = await self._http.request_json("GET", query, what="listing batches")
             data = [b for b in page.get("data") or [] if isinstance(b, dict)]
             for body in data:
-                tags = _dict(body.get("metadata"))
+                tags = as_dict(body.get("metadata"))
                 if all(tags.get(k) == v for k, v in metadata.items()):
                     return self._batch(body)
             seen += len(data)
@@ -418,12 +393,12 @@ class OpenAIProvider:
             status = BatchStatus.IN_PROGRESS
         if status is BatchStatus.PENDING:  # ours alone; the provider has the batch
             status = BatchStatus.VALIDATING
-        raw_counts = _dict(body.get("request_counts"))
-        errors = _dict(body.get("errors")).get("data")
+        raw_counts = as_dict(body.get("request_counts"))
+        errors = as_dict(body.get("errors")).get("data")
         counts = RequestCounts(
-            total=_int(raw_counts.get("total")) or 0,
-            completed=_int(raw_counts.get("completed")) or 0,
-            failed=_int(raw_counts.get("failed")) or 0,
+            total=as_int(raw_counts.get("total")) or 0,
+            completed=as_int(raw_counts.get("completed")) or 0,
+            failed=as_int(raw_counts.get("failed")) or 0,
         )
         output_file_id = _file_id(body, "output_file_id")
         error_file_id = _file_id(body, "error_file_id")
@@ -453,7 +428,7 @@ class OpenAIProvider:
         request_id = None
         if isinstance(response, dict):
             status_code = _status_code(response.get("status_code", 200))
-            request_id = _str(response.get("request_id"))
+            request_id = as_str(response.get("request_id"))
             body = response.get("body")
             if isinstance(body, str | bytes):
                 # Some OpenAI-compatible servers send the body as a JSON-encoded string.
@@ -493,8 +468,8 @@ class OpenAIProvider:
             status=CompletionStatus.FAILED,
             status_code=status_code,
             provider_request_id=request_id,
-            failure_error=f"OpenAI batch entry failed ({label})"[:_FAILURE_TEXT_LIMIT],
-            failure_reason=str(message or "unknown OpenAI batch failure")[:_FAILURE_TEXT_LIMIT],
+            failure_error=f"OpenAI batch entry failed ({label})"[:FAILURE_TEXT_LIMIT],
+            failure_reason=str(message or "unknown OpenAI batch failure")[:FAILURE_TEXT_LIMIT],
         )
 
 
@@ -565,42 +540,24 @@ def _usage(raw: Any) -> Usage:
         completion_details = raw.get("output_tokens_details")
     total = raw.get("total_tokens")
     if total is None and (prompt is not None or completion is not None):
-        total = (_int(prompt) or 0) + (_int(completion) or 0)
+        total = (as_int(prompt) or 0) + (as_int(completion) or 0)
     return Usage(
-        prompt_tokens=_int(prompt),
-        completion_tokens=_int(completion),
-        total_tokens=_int(total),
-        cached_tokens=_int(prompt_details.get("cached_tokens"))
+        prompt_tokens=as_int(prompt),
+        completion_tokens=as_int(completion),
+        total_tokens=as_int(total),
+        cached_tokens=as_int(prompt_details.get("cached_tokens"))
         if isinstance(prompt_details, dict)
         else None,
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
+        reasoning_tokens=as_int(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
         else None,
     )
-
-
-_INT4_MAX = 2**31 - 1
-
-
-def _int(value: Any) -> int | None:
-    """A token count as the database can hold it, or None for anything else."""
-    if type(value) is float and value.is_integer():
-        value = int(value)
-    return value if type(value) is int and 0 <= value <= _INT4_MAX else None
 
 
 def _status_code(value: Any) -> int | None:
     if type(value) is str and value.isdigit():
         value = int(value)
     return value if type(value) is int and 0 <= value <= 999 else None
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _file_id(body: dict[str, Any], field: str) -> str | None:
@@ -636,30 +593,15 @@ def _result_sources(
     )
 
 
-def _event(event: str, key: SubmitKey, **fields: str) -> None:
-    figures = " ".join(f"{k}={v}" for k, v in fields.items())
-    logger.info(
-        "batchinfer.%s batch %s %s",
-        event,
-        key.batch_id,
-        figures,
-        extra={
-            "batchinfer.event": event,
-            "batchinfer.batch_id": str(key.batch_id),
-            **{f"batchinfer.{k}": v for k, v in fields.items()},
-        },
-    )
-
-
 def _batch_error(raw: Any) -> ProviderBatchError:
     if not isinstance(raw, dict):
         return ProviderBatchError(code=None, message=str(raw))
     line = raw.get("line")
     return ProviderBatchError(
-        code=_str(raw.get("code")),
+        code=as_str(raw.get("code")),
         message=str(raw.get("message") or "no message"),
-        param=_str(raw.get("param")),
-        line=line if type(line) is int and 0 < line <= _INT4_MAX else None,
+        param=as_str(raw.get("param")),
+        line=line if type(line) is int and 0 < line <= INT4_MAX else None,
     )
 
 
