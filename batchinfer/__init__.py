@@ -43,11 +43,12 @@ from batchinfer.errors import (
     TransientStorageError,
 )
 from batchinfer.pricing import Price
-from batchinfer.providers import LiveProvider, OpenAIProvider, Provider
+from batchinfer.providers import AnthropicProvider, LiveProvider, OpenAIProvider, Provider
 from batchinfer.providers.base import SubmitCheckpoint
 from batchinfer.worker import Worker
 
 __all__ = [
+    "AnthropicProvider",
     "ApplyReport",
     "AuthenticationError",
     "Batch",

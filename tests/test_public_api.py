@@ -14,6 +14,7 @@ import batchinfer.testing
 from batchinfer import Batch, BatchStatus, Completion, CompletionStatus, RequestCounts
 
 EXPECTED_ALL = [
+    "AnthropicProvider",
     "ApplyReport",
     "AuthenticationError",
     "Batch",

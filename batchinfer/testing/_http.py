@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from aiohttp import BodyPartReader, web
 
 from . import fake_model
+from ._anthropic import PREFIX as ANTHROPIC_PREFIX
+from ._anthropic import AnthropicBatches, AnthropicRoutes, anthropic_error
 from ._faults import API_PREFIX, CONTENT_PATH, Faults
 from ._state import CancelConflict, Store, page
 from ._wire import (
@@ -50,6 +52,25 @@ class ReceivedRequest:
     headers: Mapping[str, str]
 
 
+def _is_anthropic(request: web.Request) -> bool:
+    """A request to Anthropic's API: by its path, or, on a path neither API has, its headers."""
+    path = request.path
+    return (
+        path == ANTHROPIC_PREFIX
+        or path.startswith(ANTHROPIC_PREFIX + "/")
+        or "anthropic-version" in request.headers
+    )
+
+
+def wire_error(
+    request: web.Request, status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An error in the envelope of the API the request was made to."""
+    if _is_anthropic(request):
+        return anthropic_error(status, message, headers=headers)
+    return error_response(status, message, headers=headers)
+
+
 def _subpath(request: web.Request) -> str:
     path = request.path
     return path[len(API_PREFIX) :] if path.startswith(API_PREFIX + "/") else path
@@ -63,8 +84,10 @@ class Api:
         api_key: str,
         log: list[tuple[str, str]],
         received: list[ReceivedRequest],
+        anthropic: AnthropicBatches,
     ) -> None:
         self.store = store
+        self.anthropic = anthropic
         self.faults = faults
         self.api_key = api_key
         self.log = log
@@ -90,12 +113,17 @@ class Api:
         app.router.add_post(f"{v1}/batches/{{batch_id}}/cancel", self.cancel_batch)
         for route in _LIVE_ROUTES:
             app.router.add_post(f"{v1}{route}", self.live)
+        AnthropicRoutes(self.anthropic).add_to(app)
+        app.router.add_get(
+            f"{ANTHROPIC_PREFIX}/batches/{{batch_id}}/results", self.anthropic_results
+        )
         app.on_response_prepare.append(self._stamp_request_id)
         return app
 
     async def _stamp_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
-        # The SDK surfaces x-request-id on errors and in logs, as with the real API.
-        response.headers.setdefault("x-request-id", f"req_{self._request_ids.getrandbits(96):024x}")
+        # The SDKs surface the request id on errors and in logs, as with the real APIs.
+        header = "request-id" if _is_anthropic(request) else "x-request-id"
+        response.headers.setdefault(header, f"req_{self._request_ids.getrandbits(96):024x}")
 
     # ---- middlewares
 
@@ -113,7 +141,7 @@ class Api:
         except web.HTTPException as exc:
             if exc.status < 400 or exc.content_type == "application/json":
                 raise
-            return error_response(exc.status, exc.reason)
+            return wire_error(request, exc.status, exc.reason)
 
     @web.middleware
     async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -146,8 +174,8 @@ class Api:
         if fault is not None:
             if fault.body is not None:
                 return json_response(fault.body, status=fault.status, headers=fault.headers)
-            return error_response(
-                fault.status, f"Emulated HTTP {fault.status} error.", headers=fault.headers
+            return wire_error(
+                request, fault.status, f"Emulated HTTP {fault.status} error.", fault.headers
             )
         rolled = faults.roll(path)
         if rolled is not None:
@@ -156,9 +184,11 @@ class Api:
                 if rolled.status == 429
                 else f"Emulated HTTP {rolled.status} error."
             )
-            return error_response(rolled.status, message, headers=rolled.headers)
+            return wire_error(request, rolled.status, message, rolled.headers)
         unseen = faults.unseen(method, path, self.store.born.get, self.store.clock())
         if unseen is not None:
+            if _is_anthropic(request):
+                return anthropic_error(404, f"No {unseen[0].lower()} found with id {unseen[1]!r}.")
             return not_found(*unseen)
         if faults.take_lost(method, path):
             # A download has no work to lose; anything else is served, then goes unanswered.
@@ -173,6 +203,15 @@ class Api:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _is_anthropic(request):
+            if (
+                request.headers.get("x-api-key") != self.api_key
+                and request.headers.get("Authorization") != f"Bearer {self.api_key}"
+            ):
+                return anthropic_error(401, "invalid x-api-key")
+            if not request.headers.get("anthropic-version"):
+                return anthropic_error(400, "anthropic-version: header is required")
+            return await handler(request)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return error_response(
                 401,
@@ -274,12 +313,26 @@ class Api:
 
     async def file_content(self, request: web.Request) -> web.StreamResponse:
         file_id = request.match_info["file_id"]
-        content = self.store.files.get(file_id)
+        return await self._serve(request, self.store.files.get(file_id), ("File", file_id))
+
+    async def anthropic_results(self, request: web.Request) -> web.StreamResponse:
+        batch_id = request.match_info["batch_id"]
+        content = self.anthropic.results(batch_id)
+        if content is None and batch_id in self.anthropic.batches:
+            return anthropic_error(400, f"Batch {batch_id} has not ended; results come after.")
+        return await self._serve(request, content, ("Batch", batch_id))
+
+    async def _serve(
+        self, request: web.Request, content: bytes | None, what: tuple[str, str]
+    ) -> web.StreamResponse:
+        """A stored body, honouring Range and any scripted drop mid-body."""
         drop_after = request.get(_DROP_KEY)
         if content is None:
             if drop_after is not None:
                 close_connection(request)
-            return not_found("File", file_id)
+            if _is_anthropic(request):
+                return anthropic_error(404, f"No {what[0].lower()} found with id {what[1]!r}.")
+            return not_found(*what)
         size = len(content)
         start, end, status = 0, size, 200
         headers = {"Content-Type": "application/octet-stream"}
@@ -290,10 +343,11 @@ class Api:
             except Unsatisfiable:
                 if drop_after is not None:
                     close_connection(request)
-                return error_response(
+                return wire_error(
+                    request,
                     416,
                     f"Range not satisfiable: the file has {size} bytes.",
-                    headers={"Content-Range": f"bytes */{size}"},
+                    {"Content-Range": f"bytes */{size}"},
                 )
             if span is not None:
                 start, end = span
@@ -418,5 +472,6 @@ def build_app(
     api_key: str,
     log: list[tuple[str, str]],
     received: list[ReceivedRequest],
+    anthropic: AnthropicBatches,
 ) -> web.Application:
-    return Api(store, faults, api_key, log, received).app()
+    return Api(store, faults, api_key, log, received, anthropic).app()

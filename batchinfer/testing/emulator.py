@@ -10,8 +10,10 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+import orjson
 from aiohttp import web
 
+from ._anthropic import AnthropicBatches
 from ._faults import Faults, FaultScripting
 from ._http import API_PREFIX, ReceivedRequest, build_app
 from ._state import TERMINAL, ScriptedFailure, Store
@@ -22,7 +24,9 @@ _ERROR_KEYS = ("code", "message", "param", "line")
 
 
 class Emulator(FaultScripting):
-    """A local OpenAI Files + Batches + live inference server backed by a deterministic model.
+    """A local OpenAI Files + Batches + live inference server backed by a deterministic model,
+    which also speaks Anthropic's Message Batches and Messages API on the same port
+    (``anthropic_base_url``); the driving methods take either provider's batch ids.
 
     Batches stay put until driven with :meth:`advance`, :meth:`process`, :meth:`finish` or
     :meth:`expire`, unless ``step_seconds`` is set: then each read of a batch applies one step
@@ -51,6 +55,7 @@ class Emulator(FaultScripting):
         self.port = port
         self._store = Store(clock=clock, seed=seed, step_seconds=step_seconds)
         self._faults = Faults(seed=seed, ranges=ranges)
+        self._anthropic = AnthropicBatches(self._store)
         self.files: dict[str, bytes] = self._store.files
         self.batches: dict[str, dict[str, object]] = self._store.batches
         self.requests: list[tuple[str, str]] = []
@@ -66,10 +71,17 @@ class Emulator(FaultScripting):
             raise RuntimeError("Emulator.start() has not been awaited")
         return self._base_url
 
+    @property
+    def anthropic_base_url(self) -> str:
+        """Where Anthropic's API is served (paths carry their ``/v1``, as on the real one)."""
+        return self.base_url.removesuffix(API_PREFIX)
+
     async def start(self) -> None:
         if self._runner is not None:
             return
-        app = build_app(self._store, self._faults, self.api_key, self.requests, self.received)
+        app = build_app(
+            self._store, self._faults, self.api_key, self.requests, self.received, self._anthropic
+        )
         # A short shutdown grace: clients keep connections alive and tests should not wait on them.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -130,19 +142,38 @@ class Emulator(FaultScripting):
 
     async def advance(self, batch_id: str) -> str:
         """One step of the batch state machine; returns the new status."""
+        if batch_id in self._anthropic.batches:
+            self._anthropic.end(batch_id)
+            return self._anthropic.batches[batch_id].status
         return self._store.advance(batch_id)
 
     async def process(self, batch_id: str, n: int | None = None) -> None:
         """Run the next ``n`` unprocessed requests (all when None) of an in_progress batch."""
+        if batch_id in self._anthropic.batches:
+            self._anthropic.process(batch_id, n)
+            return
         self._store.process(batch_id, n)
 
     async def finish(self, batch_id: str) -> None:
+        """End the batch: run what is left (a cancelled one cancels it instead)."""
+        if batch_id in self._anthropic.batches:
+            self._anthropic.end(batch_id)
+            return
         while self._store.record(batch_id).status not in TERMINAL:
             self._store.advance(batch_id)
 
     async def expire(self, batch_id: str) -> None:
-        """Expire the batch now; requests not yet run become `batch_expired` error lines."""
+        """Expire the batch now; requests not yet run become `batch_expired` error lines
+        (Anthropic: ``expired`` results)."""
+        if batch_id in self._anthropic.batches:
+            self._anthropic.expire(batch_id)
+            return
         self._store.expire(batch_id)
+
+    def anthropic_results(self, batch_id: str) -> list[dict[str, object]]:
+        """An ended Anthropic batch's result lines, as its results URL serves them."""
+        content = self._anthropic.results(batch_id) or b""
+        return [orjson.loads(line) for line in content.splitlines()]
 
     # ---- inspection
 

@@ -494,3 +494,119 @@ def batch_usage(endpoint: str, result: JSON) -> BatchUsage:
             reasoning_tokens=usage["completion_tokens_details"]["reasoning_tokens"],
         )
     return BatchUsage(input_tokens=usage.get("prompt_tokens", 0))
+
+
+# ---- Anthropic's Messages API
+
+
+def _anthropic_text(content: object) -> str:
+    if isinstance(content, list):
+        return " ".join(
+            b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)
+        )
+    return content if isinstance(content, str) else ""
+
+
+def _cache_marked(blocks: object) -> int:
+    """Tokens up to the last block marked ``cache_control``: the prefix Anthropic caches."""
+    if not isinstance(blocks, list):
+        return 0
+    tokens = marked = 0
+    for block in blocks:
+        if isinstance(block, dict):
+            tokens += _prompt_tokens(_anthropic_text([block]))
+            if block.get("cache_control"):
+                marked = tokens
+    return marked
+
+
+def message(body: JSON, cache: set[str]) -> JSON:
+    """A Messages API answer (``POST /v1/messages``, or a batch's ``succeeded`` result).
+
+    Prompt caching is played out in ``cache``: a system prompt marked ``cache_control`` is
+    written to it the first time it is seen (``cache_creation_input_tokens``) and read from it
+    after (``cache_read_input_tokens``).
+    """
+    _reject_stream(body)
+    model = _require_model(body)
+    limit = body.get("max_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ModelError(
+            "max_tokens: Field required (an integer of at least 1)", param="max_tokens"
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ModelError("messages: Field required", param="messages")
+    system = body.get("system")
+    prompt = _prompt_tokens(_anthropic_text(system))
+    last_user = ""
+    for item in messages:
+        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
+            raise ModelError("messages: each message needs a role of user or assistant")
+        text = _anthropic_text(item.get("content"))
+        prompt += _prompt_tokens(text) + MESSAGE_OVERHEAD
+        if item["role"] == "user":
+            last_user = text
+    cached = _cache_marked(system)
+    written = read = 0
+    if cached:
+        key = body_digest({"model": model, "system": system})
+        if key in cache:
+            read = cached
+        else:
+            cache.add(key)
+            written = cached
+    digest = body_digest(body)
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    chosen = None
+    if (
+        isinstance(tools, list)
+        and tools
+        and not (isinstance(choice, dict) and choice.get("type") == "none")
+    ):
+        named = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        wanted = choice.get("name") if isinstance(choice, dict) else None
+        chosen = next((t for t in named if t["name"] == wanted), named[0] if named else None)
+    content: list[JSON]
+    if chosen is not None:
+        schema = chosen.get("input_schema")
+        arguments = _arguments_object(schema) if isinstance(schema, dict) else {}
+        content = [
+            {
+                "type": "tool_use",
+                "id": f"toolu_{digest}",
+                "name": chosen["name"],
+                "input": arguments,
+            }
+        ]
+        visible = max(1, len(orjson.dumps(arguments)) // 4)
+        stop_reason = "tool_use"
+    else:
+        text, truncated = _output_budget(_echo(last_user).split(), limit)
+        content = [{"type": "text", "text": text, "citations": None}]
+        visible = _words(text)
+        stop_reason = "max_tokens" if truncated else "end_turn"
+    thinking = body.get("thinking")
+    thought = 2 * visible if isinstance(thinking, dict) and thinking.get("type") == "enabled" else 0
+    return {
+        "id": f"msg_{digest}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": prompt - written - read,
+            "output_tokens": visible + thought,
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": written,
+                "ephemeral_1h_input_tokens": 0,
+            },
+            "server_tool_use": None,
+            "service_tier": "standard",
+        },
+    }
