@@ -370,3 +370,35 @@ async def test_without_a_database_an_embedded_one_keeps_batches_between_commands
         code, out, _ = await cli(capsys, "ls", *data)
         assert code == 0
         assert len(out.splitlines()) == 2
+
+
+async def test_run_takes_anthropic_lines_with_provider_anthropic(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    fast_emulator: Emulator,
+    database_url: str,
+    schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    params = {"model": "claude-3-5-haiku-20241022", "max_tokens": 16}
+    lines = [
+        {"custom_id": f"a{i}", "params": {**params, "messages": [{"role": "user", "content": "x"}]}}
+        for i in range(4)
+    ]
+    source = write_input(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", fast_emulator.api_key)
+    code, _, err = await cli(
+        capsys,
+        "run", str(source), "-o", str(output), "--provider", "anthropic",
+        "--base-url", fast_emulator.anthropic_base_url,
+        "--database", database_url, "--schema", schema, "--poll-interval", "0.05",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "4 completed" in err
+    written = read_jsonl(output)
+    assert [w["custom_id"] for w in written] == ["a0", "a1", "a2", "a3"]
+    assert {w["response"]["body"]["type"] for w in written} == {"message"}
+    assert batch_posts(fast_emulator) == 0
+    (batch,) = await stored_batches(database_url, schema)
+    assert (batch.provider, batch.endpoint) == ("anthropic", "/v1/messages")

@@ -22,13 +22,16 @@ import orjson
 from batchinfer.client import BatchInfer, redacted_url
 from batchinfer.domain import Batch, Completion, CompletionStatus
 from batchinfer.errors import SchemaNotReadyError
+from batchinfer.providers.anthropic import AnthropicProvider
+from batchinfer.providers.base import Provider
 from batchinfer.providers.openai import OpenAIProvider
 
 DATABASE_ENV = "BATCHINFER_DATABASE_URL"
-API_KEY_ENV = "OPENAI_API_KEY"
-BASE_URL_ENV = "OPENAI_BASE_URL"
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-PROVIDERS = ("openai",)
+#: Where each provider's key and base URL are read from, and its default URL.
+PROVIDERS: dict[str, tuple[str, str, str]] = {
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+}
 
 
 class CliError(Exception):
@@ -89,21 +92,30 @@ def add_database_flags(parser: argparse.ArgumentParser) -> None:
 def add_provider_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("provider")
     group.add_argument(
-        "--provider", choices=PROVIDERS, default="openai", help="batch API (default openai)"
+        "--provider", choices=list(PROVIDERS), default="openai", help="batch API (default openai)"
     )
-    group.add_argument("--api-key", metavar="KEY", help=f"API key (default ${API_KEY_ENV})")
+    group.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key (default $OPENAI_API_KEY, or $ANTHROPIC_API_KEY with --provider anthropic)",
+    )
     group.add_argument(
         "--base-url",
         metavar="URL",
-        help=f"API base URL (default ${BASE_URL_ENV}, else {DEFAULT_BASE_URL})",
+        help="API base URL (default $OPENAI_BASE_URL or $ANTHROPIC_BASE_URL, else the "
+        "provider's own)",
     )
 
 
-def provider_from(args: argparse.Namespace) -> OpenAIProvider:
-    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+def provider_from(args: argparse.Namespace) -> Provider:
+    name = getattr(args, "provider", "openai")
+    key_env, url_env, default_url = PROVIDERS[name]
+    api_key = args.api_key or os.environ.get(key_env)
     if not api_key:
-        raise CliError(f"no API key: give --api-key or set ${API_KEY_ENV}", code=2)
-    base_url = args.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        raise CliError(f"no API key: give --api-key or set ${key_env}", code=2)
+    base_url = args.base_url or os.environ.get(url_env) or default_url
+    if name == "anthropic":
+        return AnthropicProvider(api_key=api_key, base_url=base_url)
     return OpenAIProvider(api_key=api_key, base_url=base_url)
 
 
@@ -170,7 +182,7 @@ def _data_dir(given: Path | None) -> Path:
 
 @contextlib.asynccontextmanager
 async def open_batchinfer(
-    args: argparse.Namespace, *, provider: OpenAIProvider | None = None, migrate: bool = False
+    args: argparse.Namespace, *, provider: Provider | None = None, migrate: bool = False
 ) -> AsyncIterator[BatchInfer]:
     """A BatchInfer on the chosen database; read-only commands do not create the tables."""
     async with database_url(args) as url:

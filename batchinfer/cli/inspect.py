@@ -31,7 +31,7 @@ from batchinfer.cli.common import (
 )
 from batchinfer.domain import Batch, BatchStatus
 from batchinfer.errors import SchemaNotReadyError
-from batchinfer.providers.openai import OpenAIProvider
+from batchinfer.providers.base import Provider
 
 
 def add_parsers(commands: Any) -> None:
@@ -218,9 +218,7 @@ def cancel_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _cancel(
-    args: argparse.Namespace, batch_id: uuid.UUID, provider: OpenAIProvider
-) -> BatchStatus:
+async def _cancel(args: argparse.Namespace, batch_id: uuid.UUID, provider: Provider) -> BatchStatus:
     async with open_batchinfer(args, provider=provider) as bi:
         return await bi.cancel_batch(batch_id)
 

@@ -35,7 +35,7 @@ from batchinfer.cli.common import (
 from batchinfer.client import BatchInfer
 from batchinfer.domain import Batch, BatchStatus
 from batchinfer.errors import InvalidRequestError
-from batchinfer.providers.openai import OpenAIProvider
+from batchinfer.providers.base import Provider
 
 RUN_KEY = "batchinfer_run_key"
 
@@ -45,7 +45,8 @@ def add_parser(commands: Any) -> None:
         "run",
         help="run a batch input file (OpenAI's JSONL format) and write its output file",
         description="Create a batch from FILE (one request per line: custom_id, method, url, "
-        "body, as for OpenAI's Batches API), submit it, show its progress, then write one "
+        "body, as for OpenAI's Batches API; with --provider anthropic, Anthropic's "
+        "{custom_id, params} lines too), submit it, show its progress, then write one "
         "result per request, in request order, in OpenAI's output file format. Running the "
         "same command again (after Ctrl-C or a crash) re-attaches to the batch it started "
         "instead of submitting it twice. Exits 0 when the batch completed (failed requests "
@@ -167,6 +168,9 @@ def _parse_line(raw: bytes, path: Path, line_no: int) -> tuple[str, dict[str, An
         raise _bad(path, line_no, f"not valid JSON ({exc})") from None
     if not isinstance(item, dict):
         raise _bad(path, line_no, f"expected a JSON object, got {type(item).__name__}")
+    if "params" in item and "body" not in item:
+        # Anthropic's shape of a batch request: {custom_id, params}, params being Messages params.
+        item = {"custom_id": item.get("custom_id"), "url": "/v1/messages", "body": item["params"]}
     for key in ("custom_id", "body", "url"):
         if key not in item:
             raise _bad(path, line_no, f"no {key!r}; a line has custom_id, method, url and body")
@@ -242,7 +246,7 @@ def _interrupted(batch: Batch | None) -> str:
 async def _run(
     args: argparse.Namespace,
     source: InputFile,
-    provider: OpenAIProvider,
+    provider: Provider,
     metadata: dict[str, str],
     state: _Progress,
 ) -> int:

@@ -31,7 +31,7 @@ from batchinfer.cli.common import (
 )
 from batchinfer.client import BatchInfer
 from batchinfer.errors import SchemaNotReadyError
-from batchinfer.providers.openai import OpenAIProvider
+from batchinfer.providers.base import Provider
 from batchinfer.worker import DEFAULT_POLL_SCHEDULE, Worker
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -180,7 +180,7 @@ def _configure_logging(level: str) -> None:
 
 
 async def _work(
-    args: argparse.Namespace, provider: OpenAIProvider, registrars: list[tuple[str, Registrar]]
+    args: argparse.Namespace, provider: Provider, registrars: list[tuple[str, Registrar]]
 ) -> int:
     try:
         async with BatchInfer(args.database, providers=[provider], schema=args.schema) as bi:
