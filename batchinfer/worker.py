@@ -216,6 +216,7 @@ class Worker:
                 seconds=self.options.lease_seconds,
                 limit=limit,
                 handlers=list(self.handlers.named),
+                providers=list(self.providers.by_name),
                 now=self._now(),
                 exclude=exclude or (),
             )

@@ -504,3 +504,33 @@ async def test_the_anthropic_sdk_in_strict_mode_accepts_every_answer(emulator: E
         assert message.content[0].type == "text"
         with pytest.raises(anthropic.NotFoundError):
             await client.messages.batches.retrieve(other.id)
+
+
+async def test_a_worker_claims_only_batches_of_providers_it_knows(
+    bi: BatchInfer, engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    """Two workers, one per provider, share one database: each drives its provider's batches
+    and leaves the other's alone, with no failed steps."""
+    anthropic_batch = await bi.create_batch(
+        provider="anthropic",
+        endpoint=MESSAGES,
+        model=MODEL,
+        requests=message_requests(3),
+        submit=True,
+    )
+    openai_batch = await bi.create_batch(
+        provider="openai",
+        endpoint="/v1/chat/completions",
+        model="gpt-4o-mini",
+        requests=chat_requests(3),
+        submit=True,
+    )
+    only_openai = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(engine, providers=[only_openai], schema=schema) as other:
+        assert await other.worker().run_once() == 1
+    assert (await bi.get_batch(anthropic_batch)).provider_batch_id is None
+    submitted = await bi.get_batch(openai_batch)
+    assert submitted.provider_batch_id is not None
+    assert submitted.step_failures == 0
+    assert await bi.worker().run_once() == 1  # the Anthropic one; the OpenAI one is not due
+    assert (await bi.get_batch(anthropic_batch)).provider_batch_id is not None

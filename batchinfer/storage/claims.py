@@ -68,6 +68,7 @@ class Claims:
         seconds: float,
         limit: int,
         handlers: Collection[str],
+        providers: Collection[str] | None = None,
         now: datetime | None = None,
         exclude: Collection[uuid.UUID] = (),
     ) -> list[Batch]:
@@ -76,10 +77,14 @@ class Claims:
         Due: a batch created with ``submit=True`` and not yet submitted, an open batch whose
         next poll time has come, a batch whose results are applied but whose completion
         handlers have not all returned (only when this worker knows its named handler), and
-        one whose files at the provider are still to be deleted.
+        one whose files at the provider are still to be deleted. With ``providers``, only
+        batches of those providers are claimed for work at a provider (handlers need none):
+        a worker leaves the others to workers that can talk to their provider.
         """
         b = batches.c
+        at_provider = sa.true() if providers is None else b.provider.in_(list(providers))
         open_due = sa.and_(
+            at_provider,
             b.results_applied_at.is_(None),
             sa.or_(b.provider_batch_id.is_not(None), b.submit_requested_at.is_not(None)),
             sa.or_(b.next_poll_at.is_(None), b.next_poll_at <= at(now)),
@@ -94,6 +99,7 @@ class Claims:
         # A deletion of the provider's files that failed is tried again (its due time is
         # next_poll_at, pushed back after each failure).
         files_due = sa.and_(
+            at_provider,
             b.results_applied_at.is_not(None),
             b.files_deleted_at.is_(None),
             sa.or_(b.next_poll_at.is_(None), b.next_poll_at <= at(now)),
