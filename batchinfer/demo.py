@@ -17,6 +17,8 @@ from typing import TextIO
 
 from batchinfer.client import BatchInfer
 from batchinfer.domain import Batch
+from batchinfer.providers.anthropic import AnthropicProvider
+from batchinfer.providers.base import Provider
 from batchinfer.providers.openai import OpenAIProvider
 from batchinfer.testing import Emulator
 from batchinfer.testing.postgres import start_embedded_postgres
@@ -24,25 +26,33 @@ from batchinfer.testing.postgres import start_embedded_postgres
 TOPICS = ("tides", "volcanoes", "bread", "comets", "bees", "glaciers", "jazz", "maps")
 
 
-def demo_requests(n: int) -> list[dict[str, object]]:
-    return [
-        {
-            "custom_id": f"summary-{i:05d}",
-            "body": {
-                "messages": [
-                    {"role": "system", "content": "You write one-sentence summaries."},
-                    {
-                        "role": "user",
-                        "content": f"Summarise article {i} about {TOPICS[i % len(TOPICS)]} "
-                        "for a newsletter, in plain words.",
-                    },
-                ],
-                "max_completion_tokens": 60,
-            },
-            "metadata": {"article_id": i},
+#: What the demo runs on each provider: its endpoint and default model.
+DEMO_PROVIDERS = {
+    "openai": ("/v1/chat/completions", "gpt-4o-mini"),
+    "anthropic": ("/v1/messages", "claude-haiku-4-5"),
+}
+_SYSTEM = "You write one-sentence summaries."
+
+
+def demo_requests(n: int, provider: str = "openai") -> list[dict[str, object]]:
+    """Requests in the provider's own format (Anthropic's system prompt is a field)."""
+    requests: list[dict[str, object]] = []
+    for i in range(n):
+        ask = {
+            "role": "user",
+            "content": f"Summarise article {i} about {TOPICS[i % len(TOPICS)]} for a "
+            "newsletter, in plain words.",
         }
-        for i in range(n)
-    ]
+        body: dict[str, object]
+        if provider == "anthropic":
+            body = {"system": _SYSTEM, "messages": [ask], "max_tokens": 60}
+        else:
+            body = {"messages": [{"role": "system", "content": _SYSTEM}, ask]}
+            body["max_completion_tokens"] = 60
+        requests.append(
+            {"custom_id": f"summary-{i:05d}", "body": body, "metadata": {"article_id": i}}
+        )
+    return requests
 
 
 async def run_demo(
@@ -50,7 +60,8 @@ async def run_demo(
     requests: int = 1_000,
     database_url: str | None = None,
     step_seconds: float = 1.0,
-    model: str = "gpt-4o-mini",
+    model: str | None = None,
+    provider: str = "openai",
     schema: str = "batchinfer",
     out: TextIO = sys.stdout,
 ) -> Batch:
@@ -68,7 +79,19 @@ async def run_demo(
             stack.callback(server.stop)
             database_url = server.url
         emulator = await stack.enter_async_context(Emulator(step_seconds=step_seconds))
-        say(f"OpenAI-compatible emulator listening at {emulator.base_url}")
+        if provider not in DEMO_PROVIDERS:
+            raise ValueError(f"no demo for provider {provider!r}: {', '.join(DEMO_PROVIDERS)}")
+        endpoint, default_model = DEMO_PROVIDERS[provider]
+        model = model or default_model
+        adapter: Provider
+        if provider == "anthropic":
+            adapter = AnthropicProvider(
+                api_key=emulator.api_key, base_url=emulator.anthropic_base_url
+            )
+            say(f"Anthropic-compatible emulator listening at {emulator.anthropic_base_url}")
+        else:
+            adapter = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+            say(f"OpenAI-compatible emulator listening at {emulator.base_url}")
         # A few requests fail at the provider and two never come back, as in real batches.
         for i in range(7, requests, 97):
             emulator.fail_request(f"summary-{i:05d}", status=400, message="Invalid 'messages'.")
@@ -76,22 +99,22 @@ async def run_demo(
             if 0 <= i < requests:
                 emulator.drop_request(f"summary-{i:05d}")
 
-        provider = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
         bi = await stack.enter_async_context(
-            BatchInfer(database_url, providers=[provider], schema=schema, poll_interval=0.5)
+            BatchInfer(database_url, providers=[adapter], schema=schema, poll_interval=0.5)
         )
         await bi.migrate()
 
         batch = await bi.create_batch(
-            provider="openai",
-            endpoint="/v1/chat/completions",
+            provider=provider,
+            endpoint=endpoint,
             model=model,
-            requests=demo_requests(requests),
+            requests=demo_requests(requests, provider),
             metadata={"purpose": "demo"},
         )
         say(f"Created batch {batch.id}: {batch.request_total:,} requests, {batch.input_bytes:,} B")
         batch = await bi.submit_batch(batch)
-        say(f"Submitted as {batch.provider_batch_id} (input file {batch.input_file_id})")
+        uploaded = f" (input file {batch.input_file_id})" if batch.input_file_id else ""
+        say(f"Submitted as {batch.provider_batch_id}{uploaded}")
 
         async def progress(current: Batch) -> None:
             counts = current.request_counts
@@ -116,7 +139,7 @@ async def run_demo(
         say(f"  {status:<10} {count:>7,}")
     if report is not None:
         say(
-            f"  results applied {report.applied:,}, missing from both files {report.swept:,}, "
+            f"  results applied {report.applied:,}, missing from the results {report.swept:,}, "
             f"malformed lines {report.malformed:,}"
         )
     for completion in failures[:3]:
@@ -129,7 +152,7 @@ async def run_demo(
         f"{summary['completion_tokens']:,} completion"
     )
     if batch.total_cost is not None:
-        live = batch.total_cost / provider.batch_discount
+        live = batch.total_cost / adapter.batch_discount
         say(
             f"Cost: ${_usd(batch.total_cost)} as a batch; the same work live would cost "
             f"${_usd(live)} (saved ${_usd(live - batch.total_cost)})"

@@ -55,17 +55,26 @@ def test_migrate_reports_bad_arguments_and_unreachable_databases(
     assert "lower-case SQL identifier" in capsys.readouterr().err
 
 
-async def test_demo_runs_a_batch_and_reports_costs(database_url: str, schema: str) -> None:
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_demo_runs_a_batch_and_reports_costs(
+    database_url: str, schema: str, provider: str
+) -> None:
     out = io.StringIO()
     batch = await run_demo(
-        requests=200, database_url=database_url, step_seconds=0.05, schema=schema, out=out
+        requests=200,
+        database_url=database_url,
+        step_seconds=0.05,
+        schema=schema,
+        out=out,
+        provider=provider,
     )
     text = out.getvalue()
+    assert batch.provider == provider
     assert batch.status.value == "completed"
     assert batch.results_applied_at is not None
     assert "completed" in text
     assert "failed" in text
-    assert "missing from both files 2" in text
+    assert "missing from the results 2" in text
     assert "the same work live would cost" in text
     assert batch.total_cost is not None
     assert batch.total_cost > 0

@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run a whole batch against a local emulator and an embedded Postgres",
-        description="Create a batch of chat requests, submit it to the local OpenAI emulator, "
+        description="Create a batch of chat requests, submit it to the local emulator (OpenAI's "
+        "or Anthropic's batch API), "
         "show progress until it ends, then report counts, tokens and costs. Uses "
         f"${DATABASE_ENV} if set, else starts an embedded Postgres in a temporary directory.",
     )
@@ -47,7 +48,16 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="how long the emulator spends in each batch status (default 1.0)",
     )
-    demo.add_argument("--model", default="gpt-4o-mini", help="model name (default gpt-4o-mini)")
+    demo.add_argument(
+        "--provider",
+        choices=["openai", "anthropic"],
+        default="openai",
+        help="whose batch API the emulator plays (default openai)",
+    )
+    demo.add_argument(
+        "--model",
+        help="model name (default gpt-4o-mini; claude-haiku-4-5 with --provider anthropic)",
+    )
 
     emulator = commands.add_parser(
         "emulator",
@@ -119,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     database_url=args.database,
                     step_seconds=args.step_seconds,
                     model=args.model,
+                    provider=args.provider,
                 )
             )
         elif args.command == "emulator":
