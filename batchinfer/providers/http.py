@@ -11,11 +11,11 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import orjson
@@ -100,6 +100,9 @@ class ErrorDialect:
     request_id_headers: tuple[str, ...] = ("x-request-id",)
     permanent_codes: frozenset[str] = frozenset({"insufficient_quota"})
     not_found_hint: Callable[[str], str | None] | None = _openai_404_hint
+    #: Words of a 4xx answer that mean "not now" rather than "never" (a quota of queued
+    #: work that frees as other batches finish): such an answer is retried as a 429 is.
+    transient_words: tuple[str, ...] = ()
 
 
 OPENAI_ERRORS = ErrorDialect()
@@ -138,7 +141,7 @@ def error_from_response(
         if status in (401, 403):
             return AuthenticationError(text + " (check the API key and its access)", **kwargs)
         return ProviderRejectedError(text, **kwargs)
-    if status == 429:
+    if status == 429 or any(w in text or w == code for w in dialect.transient_words):
         return RateLimitedError(text, retry_after=_retry_after(headers), **kwargs)
     if status in (401, 403):
         return AuthenticationError(text + " (check the API key and its access)", **kwargs)
@@ -167,8 +170,14 @@ class HttpClient:
         verify_tls: bool = True,
         dialect: ErrorDialect = OPENAI_ERRORS,
         trusted_origins: tuple[str, ...] = (),
+        query: Mapping[str, str] | None = None,
+        auth: Callable[[], Awaitable[Mapping[str, str]]] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: Added to every URL built from a path (Azure's api-version).
+        self._query = urlencode(dict(query or {}))
+        #: Headers made afresh for each request (a bearer token that expires).
+        self._auth = auth
         self.dialect = dialect
         #: Hosts an absolute URL from the provider (a results URL) may point at: the base
         #: URL's own, and these. Credentials are sent to no other.
@@ -204,10 +213,18 @@ class HttpClient:
             await self._session.close()
             self._session = None
 
+    async def headers(self, **extra: str) -> dict[str, str]:
+        """The headers of one request: the fixed ones, fresh auth ones, then ``extra``."""
+        made = dict(await self._auth()) if self._auth is not None else {}
+        return {**self._headers, **made, **extra}
+
     def url(self, path: str) -> str:
         """A path under the base URL, or an absolute URL the provider gave (checked)."""
         if not path.startswith(("https://", "http://")):
-            return f"{self.base_url}/{path.lstrip('/')}"
+            url = f"{self.base_url}/{path.lstrip('/')}"
+            if self._query:
+                url += ("&" if "?" in url else "?") + self._query
+            return url
         if _origin(path) not in self._origins:
             raise PermanentProviderError(
                 f"the provider pointed at {_origin(path)}, which is neither its base URL's "
@@ -243,7 +260,7 @@ class HttpClient:
     async def _request_json_once(
         self, method: str, path: str, *, json: Any, data: Any, what: str
     ) -> dict[str, Any]:
-        headers = dict(self._headers)
+        headers = await self.headers()
         body: Any = data
         if json is not None:
             body = orjson.dumps(json)
@@ -285,11 +302,9 @@ class HttpClient:
         url = self.url(path)
         # Offsets must mean the same bytes in every answer for a Range to resume the body, and a
         # compressed body's do not.
-        headers = {
-            **self._headers,
-            "Accept": "application/octet-stream",
-            "Accept-Encoding": "identity",
-        }
+        headers = await self.headers(
+            **{"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
+        )
         try:
             resp = await self._session_or_new().get(url, headers=headers, ssl=self.ssl)
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -147,14 +147,32 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
         if project:
             headers["OpenAI-Project"] = project
         warn_if_unverified(base_url, verify_tls)
-        super().__init__(
-            http=HttpClient(
+        self._start(
+            HttpClient(
                 base_url, headers, session=session, attempts=attempts, verify_tls=verify_tls
             ),
             name=name,
             pricing_id=pricing_id,
             batch_discount=batch_discount,
-            rules=OpenAIRules(limits or BatchLimits(endpoints=BATCH_ENDPOINTS)),
+            limits=limits or BatchLimits(endpoints=BATCH_ENDPOINTS),
+        )
+
+    def _start(
+        self,
+        http: HttpClient,
+        *,
+        name: str,
+        pricing_id: str,
+        batch_discount: Decimal | float | str,
+        limits: BatchLimits,
+    ) -> None:
+        """Everything but the client and its auth, which services speaking this API differ in."""
+        super().__init__(
+            http=http,
+            name=name,
+            pricing_id=pricing_id,
+            batch_discount=batch_discount,
+            rules=OpenAIRules(limits),
         )
         self._created: dict[str, float] = {}
         #: How many of the provider's newest batches a retried submit looks through.
@@ -290,7 +308,7 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
                     "/batches",
                     json={
                         "input_file_id": input_file_id,
-                        "endpoint": endpoint,
+                        "endpoint": self.wire_endpoint(endpoint),
                         "completion_window": "24h",
                         "metadata": metadata,
                     },
@@ -372,8 +390,16 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.open_file(source.ref)
 
+    def wire_endpoint(self, endpoint: str) -> str:
+        """The batch's endpoint as this service's create call names it."""
+        return endpoint
+
+    def live_path(self, endpoint: str, body: dict[str, Any]) -> str:
+        """Where a live call to ``endpoint`` goes, under the base URL."""
+        return endpoint.removeprefix("/v1")
+
     async def complete(self, endpoint: str, body: dict[str, Any]) -> ParsedResponse:
-        path = endpoint.removeprefix("/v1")
+        path = self.live_path(endpoint, body)
         answer = await self._http.request_json("POST", path, json=body, what=f"POST {endpoint}")
         return _parse_paid(endpoint, answer)
 
@@ -384,7 +410,8 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
             raise PermanentProviderError("the batch object from the provider has no id")
         raw_status = str(body.get("status"))
         try:
-            status = BatchStatus(raw_status)
+            # Azure's own examples write "Validating" as well as "validating".
+            status = BatchStatus(raw_status.lower())
         except ValueError:
             logger.warning(
                 "batchinfer.unknown_provider_status",
@@ -562,7 +589,9 @@ def _status_code(value: Any) -> int | None:
 
 def _file_id(body: dict[str, Any], field: str) -> str | None:
     value = body.get(field)
-    if value is None or (isinstance(value, str) and value):
+    if value is None or value == "":  # Azure says "" for a file there is not (yet)
+        return None
+    if isinstance(value, str):
         return value
     raise PermanentProviderError(
         f"the batch object's {field} is {value!r}, not a file id; the provider's answer is "
