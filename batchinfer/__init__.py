@@ -43,7 +43,13 @@ from batchinfer.errors import (
     TransientStorageError,
 )
 from batchinfer.pricing import Price
-from batchinfer.providers import AnthropicProvider, LiveProvider, OpenAIProvider, Provider
+from batchinfer.providers import (
+    AnthropicProvider,
+    AzureOpenAIProvider,
+    LiveProvider,
+    OpenAIProvider,
+    Provider,
+)
 from batchinfer.providers.base import SubmitCheckpoint
 from batchinfer.worker import Worker
 
@@ -51,6 +57,7 @@ __all__ = [
     "AnthropicProvider",
     "ApplyReport",
     "AuthenticationError",
+    "AzureOpenAIProvider",
     "Batch",
     "BatchBusyError",
     "BatchInfer",

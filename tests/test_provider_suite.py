@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchinfer import (
     AnthropicProvider,
+    AzureOpenAIProvider,
     BatchInfer,
     BatchStatus,
     CompletionStatus,
@@ -32,6 +33,7 @@ class Case:
     name: str
     endpoint: str
     model: str
+    #: Makes the provider for this emulator (and sets the emulator up for it).
     make: Callable[[Emulator], Provider]
     requests: Callable[[int], list[dict[str, Any]]]
     #: The call that creates the batch at the provider, as (method, path) for fault scripts.
@@ -55,6 +57,11 @@ def _messages(n: int) -> list[dict[str, Any]]:
     ]
 
 
+def _azure(emulator: Emulator) -> Provider:
+    emulator.azure_deployment("gpt-4o-mini-batch", "gpt-4o-mini-2024-07-18")
+    return AzureOpenAIProvider(endpoint=emulator.azure_endpoint, api_key=emulator.api_key)
+
+
 CASES = [
     Case(
         name="openai",
@@ -65,6 +72,16 @@ CASES = [
         create=("POST", "/v1/batches"),
         poll=lambda pb: f"/v1/batches/{pb}",
         results=lambda e, pb: f"/v1/files/{e.batches[pb]['output_file_id']}/content",
+    ),
+    Case(
+        name="azure",
+        endpoint="/v1/chat/completions",
+        model="gpt-4o-mini-batch",  # a deployment's name; responses name the model
+        make=lambda e: _azure(e),
+        requests=chat_requests,
+        create=("POST", "/openai/v1/batches"),
+        poll=lambda pb: f"/openai/v1/batches/{pb}",
+        results=lambda e, pb: f"/openai/v1/files/{e.batches[pb]['output_file_id']}/content",
     ),
     Case(
         name="anthropic",

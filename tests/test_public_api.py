@@ -17,6 +17,7 @@ EXPECTED_ALL = [
     "AnthropicProvider",
     "ApplyReport",
     "AuthenticationError",
+    "AzureOpenAIProvider",
     "Batch",
     "BatchBusyError",
     "BatchInfer",

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from batchinfer.providers.anthropic import AnthropicProvider
+from batchinfer.providers.azure import AzureOpenAIProvider
 from batchinfer.providers.base import InputStream, LiveProvider, Provider
 from batchinfer.providers.openai import OpenAIProvider
 
-__all__ = ["AnthropicProvider", "InputStream", "LiveProvider", "OpenAIProvider", "Provider"]
+__all__ = [
+    "AnthropicProvider",
+    "AzureOpenAIProvider",
+    "InputStream",
+    "LiveProvider",
+    "OpenAIProvider",
+    "Provider",
+]

@@ -33,7 +33,9 @@ __all__ = [
 
 API_PREFIX = "/v1"
 #: Downloads: a file's content (OpenAI), a batch's results (Anthropic).
-CONTENT_PATH = re.compile(r"^/files/[^/]+/content$|^/messages/batches/[^/]+/results$")
+CONTENT_PATH = re.compile(
+    r"^(/openai(/v1)?)?/files/[^/]+/content$|^/messages/batches/[^/]+/results$"
+)
 # Long enough for any client timeout a test would script; short enough that a typo cannot hang CI.
 MAX_DELAY_SECONDS = 60.0
 SERVER_ERRORS = (500, 502, 503)

@@ -41,6 +41,25 @@ UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user
 DROP_GRACE_SECONDS = 0.02
 _DROP_KEY = web.RequestKey("drop_after_bytes", int)
 _LIVE_ROUTES = ("/chat/completions", "/responses", "/embeddings")
+#: Azure OpenAI's paths: the v1 API, and the classic one (which needs ?api-version=).
+AZURE_CLASSIC = "/openai"
+AZURE_PREFIXES = ("/openai/v1", AZURE_CLASSIC)
+
+
+def _is_azure(request: web.Request) -> bool:
+    return request.path.startswith(AZURE_CLASSIC + "/")
+
+
+def model_endpoint(request: web.Request) -> str:
+    """The OpenAI endpoint a live call is for, whichever API's path it came by."""
+    path = request.path
+    for prefix in AZURE_PREFIXES:
+        if path.startswith(prefix + "/"):
+            path = path[len(prefix) :]
+            break
+    if path.startswith("/deployments/"):
+        path = "/" + path.split("/", 3)[3]
+    return path if path.startswith(API_PREFIX + "/") else API_PREFIX + path
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +69,13 @@ class ReceivedRequest:
     method: str
     path: str
     headers: Mapping[str, str]
+
+
+_AZURE_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+    "a valid key for an active subscription and use a correct regional API endpoint for your "
+    "resource."
+)
 
 
 def _is_anthropic(request: web.Request) -> bool:
@@ -101,18 +127,21 @@ class Api:
             client_max_size=64 * MIB,
             middlewares=[self._record, self._envelope, self._faults, self._auth],
         )
-        v1 = API_PREFIX
-        app.router.add_post(f"{v1}/files", self.create_file)
-        app.router.add_get(f"{v1}/files", self.list_files)
-        app.router.add_get(f"{v1}/files/{{file_id}}", self.get_file)
-        app.router.add_delete(f"{v1}/files/{{file_id}}", self.delete_file)
-        app.router.add_get(f"{v1}/files/{{file_id}}/content", self.file_content)
-        app.router.add_post(f"{v1}/batches", self.create_batch)
-        app.router.add_get(f"{v1}/batches", self.list_batches)
-        app.router.add_get(f"{v1}/batches/{{batch_id}}", self.get_batch)
-        app.router.add_post(f"{v1}/batches/{{batch_id}}/cancel", self.cancel_batch)
+        # OpenAI's paths, and Azure's (its v1 API, and the classic one with api-version).
+        for v1 in (API_PREFIX, *AZURE_PREFIXES):
+            app.router.add_post(f"{v1}/files", self.create_file)
+            app.router.add_get(f"{v1}/files", self.list_files)
+            app.router.add_get(f"{v1}/files/{{file_id}}", self.get_file)
+            app.router.add_delete(f"{v1}/files/{{file_id}}", self.delete_file)
+            app.router.add_get(f"{v1}/files/{{file_id}}/content", self.file_content)
+            app.router.add_post(f"{v1}/batches", self.create_batch)
+            app.router.add_get(f"{v1}/batches", self.list_batches)
+            app.router.add_get(f"{v1}/batches/{{batch_id}}", self.get_batch)
+            app.router.add_post(f"{v1}/batches/{{batch_id}}/cancel", self.cancel_batch)
+            for route in _LIVE_ROUTES:
+                app.router.add_post(f"{v1}{route}", self.live)
         for route in _LIVE_ROUTES:
-            app.router.add_post(f"{v1}{route}", self.live)
+            app.router.add_post(f"{AZURE_CLASSIC}/deployments/{{deployment}}{route}", self.live)
         AnthropicRoutes(self.anthropic).add_to(app)
         app.router.add_get(
             f"{ANTHROPIC_PREFIX}/batches/{{batch_id}}/results", self.anthropic_results
@@ -123,6 +152,8 @@ class Api:
     async def _stamp_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         # The SDKs surface the request id on errors and in logs, as with the real APIs.
         header = "request-id" if _is_anthropic(request) else "x-request-id"
+        if _is_azure(request):
+            header = "apim-request-id"
         response.headers.setdefault(header, f"req_{self._request_ids.getrandbits(96):024x}")
 
     # ---- middlewares
@@ -211,6 +242,18 @@ class Api:
                 return anthropic_error(401, "invalid x-api-key")
             if not request.headers.get("anthropic-version"):
                 return anthropic_error(400, "anthropic-version: header is required")
+            return await handler(request)
+        if _is_azure(request):
+            bearer = request.headers.get("Authorization") == f"Bearer {self.api_key}"
+            if request.headers.get("api-key") != self.api_key and not bearer:
+                return json_response(
+                    {"error": {"code": "401", "message": _AZURE_DENIED}}, status=401
+                )
+            classic = not request.path.startswith(AZURE_PREFIXES[0] + "/")
+            if classic and not request.query.get("api-version"):
+                return error_response(
+                    404, "Resource not found: the classic API needs ?api-version=", code="404"
+                )
             return await handler(request)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return error_response(
@@ -385,6 +428,8 @@ class Api:
                     code="missing_required_parameter",
                 )
         endpoint = body["endpoint"]
+        if _is_azure(request) and not endpoint.startswith(API_PREFIX + "/"):
+            endpoint = API_PREFIX + endpoint  # Azure names it "/chat/completions"
         if endpoint not in fake_model.BATCH_ENDPOINTS:
             allowed = ", ".join(fake_model.BATCH_ENDPOINTS)
             return error_response(
@@ -460,7 +505,7 @@ class Api:
         if isinstance(body, web.Response):
             return body
         try:
-            result = fake_model.respond(request.path, body, self.store.now())
+            result = self.store.answer(model_endpoint(request), body, self.store.now())
         except fake_model.ModelError as exc:
             return json_response(exc.envelope(), status=exc.status)
         return json_response(result)

@@ -138,6 +138,16 @@ class Store:
         self.failures: dict[str, ScriptedFailure] = {}
         self.dropped: set[str] = set()
         self.validation_failures: deque[list[dict[str, object]]] = deque()
+        #: Azure deployments by name, and the model each runs: its answers name the model.
+        self.deployments: dict[str, str] = {}
+
+    def answer(self, endpoint: str, body: dict[str, Any], created: int) -> dict[str, Any]:
+        """The fake model's answer, naming the model a deployment runs, as Azure's do."""
+        result = fake_model.respond(endpoint, body, created)
+        model = result.get("model")
+        if isinstance(model, str) and model in self.deployments:
+            result["model"] = self.deployments[model]
+        return result
 
     def now(self) -> int:
         return int(self.clock())
@@ -357,7 +367,7 @@ class Store:
             return
         body = orjson.loads(record.input[task.start : task.end])["body"]
         try:
-            result = fake_model.respond(endpoint, body, created)
+            result = self.answer(endpoint, body, created)
         except fake_model.ModelError as exc:
             record.error_lines.append(self._http_error_line(custom_id, exc))
             return

@@ -72,6 +72,12 @@ class Emulator(FaultScripting):
         return self._base_url
 
     @property
+    def azure_endpoint(self) -> str:
+        """The emulator as an Azure OpenAI resource (``https://<resource>.openai.azure.com``):
+        ``/openai/v1/...``, and the classic ``/openai/...?api-version=``, with ``api-key``."""
+        return self.base_url.removesuffix(API_PREFIX)
+
+    @property
     def anthropic_base_url(self) -> str:
         """Where Anthropic's API is served (paths carry their ``/v1``, as on the real one)."""
         return self.base_url.removesuffix(API_PREFIX)
@@ -127,6 +133,11 @@ class Emulator(FaultScripting):
         """Every batch line with this custom_id lands in the error file with this HTTP error."""
         self._store.dropped.discard(custom_id)
         self._store.failures[custom_id] = ScriptedFailure(status, message, code, type)
+
+    def azure_deployment(self, name: str, model: str) -> None:
+        """A deployment named ``name`` runs ``model``: requests give the name as their model,
+        answers name the model (as Azure's do, so prices follow the model)."""
+        self._store.deployments[name] = model
 
     def drop_request(self, custom_id: str) -> None:
         """Every batch line with this custom_id silently vanishes from both result files."""
