@@ -173,6 +173,9 @@ class ResultSources:
     sources: tuple[ResultSource, ...] = ()
     waiting_for: str | None = None
     described_as: str = _RESULTS
+    #: The sources can be read while the batch runs (xAI's): what has arrived is applied at
+    #: each poll, and the rest once it ends.
+    while_running: bool = False
 
     @property
     def ready(self) -> bool:
@@ -185,6 +188,7 @@ class ResultSources:
             ],
             "waiting_for": self.waiting_for,
             "described_as": self.described_as,
+            "while_running": self.while_running,
         }
 
     @classmethod
@@ -196,6 +200,7 @@ class ResultSources:
             ),
             waiting_for=value.get("waiting_for"),
             described_as=value.get("described_as") or _RESULTS,
+            while_running=bool(value.get("while_running")),
         )
 
 

@@ -324,6 +324,8 @@ class Worker:
                 batch = await self.status.refresh(
                     batch.id, poll_delays=self.options.poll_schedule, now=now
                 )
+                if not batch.is_terminal:
+                    await self.results.apply_arrived(batch.id)
                 if not batch.is_terminal and self._too_old(batch, now):
                     # A cancel the provider accepted gets a grace period to end, so what it
                     # finished can be collected; past it, the batch ends here regardless.

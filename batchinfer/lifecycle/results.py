@@ -177,6 +177,24 @@ class ResultsPass:
         log("results_applied", batch, status=batch.status.value, **dataclasses.asdict(report))
         return await self.delete_files(batch), report
 
+    async def apply_arrived(self, batch_id: uuid.UUID) -> ApplyReport | None:
+        """Apply what a running batch's provider can already give (``while_running``
+        sources), so results arrive as they are made; the sweep waits for the end. None: the
+        provider gives nothing before the end, or the batch has ended (``run`` is for that)."""
+        async with self._turns:
+            batch = await self.store.batches.get(batch_id)
+            sources = batch.result_sources
+            if batch.is_terminal or sources is None or not sources.while_running:
+                return None
+            tally = _Tally()
+            seen = _Seen(since=await self.store.results.clock())
+            for source in sources.sources:
+                await self._apply_source(batch, source, seen, tally)
+        report = ApplyReport(**dataclasses.asdict(tally), swept=0)
+        if report.applied:
+            log("results_arrived", batch, status=batch.status.value, **dataclasses.asdict(report))
+        return report
+
     def _given_up_waiting(self, batch: Batch, now: datetime | None) -> bool:
         if batch.ended_at is None:
             return False

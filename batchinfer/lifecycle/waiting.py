@@ -134,6 +134,8 @@ class Waiter:
                 return await self._store.batches.get(batch.id)
         # A terminal batch is polled too: a lagging file id may still arrive.
         batch = await self._status.refresh(batch.id)
+        if not batch.is_terminal:
+            await self._results.apply_arrived(batch.id)
         if batch.is_terminal:
             try:
                 batch, report = await self._results.run(batch.id)
