@@ -49,6 +49,7 @@ from batchinfer.providers import (
     LiveProvider,
     OpenAIProvider,
     Provider,
+    XAIProvider,
 )
 from batchinfer.providers.base import SubmitCheckpoint
 from batchinfer.worker import Worker
@@ -98,4 +99,5 @@ __all__ = [
     "TransientStorageError",
     "Usage",
     "Worker",
+    "XAIProvider",
 ]

@@ -58,6 +58,7 @@ EXPECTED_ALL = [
     "TransientStorageError",
     "Usage",
     "Worker",
+    "XAIProvider",
 ]
 
 BATCH_FIELDS = {

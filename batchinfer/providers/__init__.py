@@ -6,6 +6,7 @@ from batchinfer.providers.anthropic import AnthropicProvider
 from batchinfer.providers.azure import AzureOpenAIProvider
 from batchinfer.providers.base import InputStream, LiveProvider, Provider
 from batchinfer.providers.openai import OpenAIProvider
+from batchinfer.providers.xai import XAIProvider
 
 __all__ = [
     "AnthropicProvider",
@@ -14,4 +15,5 @@ __all__ = [
     "LiveProvider",
     "OpenAIProvider",
     "Provider",
+    "XAIProvider",
 ]

@@ -27,6 +27,8 @@ from ._wire import (
     not_found,
     ttl_seconds,
 )
+from ._xai import PREFIX as XAI_PREFIX
+from ._xai import XAIBatches, XAIRoutes, xai_error
 
 __all__ = ["API_PREFIX", "Faults", "ReceivedRequest", "build_app"]
 
@@ -92,6 +94,8 @@ def wire_error(
     request: web.Request, status: int, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     """An error in the envelope of the API the request was made to."""
+    if request.path.startswith(XAI_PREFIX + "/"):
+        return xai_error(status, message)
     if _is_anthropic(request):
         return anthropic_error(status, message, headers=headers)
     return error_response(status, message, headers=headers)
@@ -111,9 +115,11 @@ class Api:
         log: list[tuple[str, str]],
         received: list[ReceivedRequest],
         anthropic: AnthropicBatches,
+        xai: XAIBatches,
     ) -> None:
         self.store = store
         self.anthropic = anthropic
+        self.xai = xai
         self.faults = faults
         self.api_key = api_key
         self.log = log
@@ -143,6 +149,7 @@ class Api:
         for route in _LIVE_ROUTES:
             app.router.add_post(f"{AZURE_CLASSIC}/deployments/{{deployment}}{route}", self.live)
         AnthropicRoutes(self.anthropic).add_to(app)
+        XAIRoutes(self.xai).add_to(app)
         app.router.add_get(
             f"{ANTHROPIC_PREFIX}/batches/{{batch_id}}/results", self.anthropic_results
         )
@@ -234,6 +241,11 @@ class Api:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(XAI_PREFIX + "/"):
+            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                # xAI answers a wrong key with 400, not 401.
+                return xai_error(400, "Incorrect API key provided. You can obtain an API key.")
+            return await handler(request)
         if _is_anthropic(request):
             if (
                 request.headers.get("x-api-key") != self.api_key
@@ -518,5 +530,6 @@ def build_app(
     log: list[tuple[str, str]],
     received: list[ReceivedRequest],
     anthropic: AnthropicBatches,
+    xai: XAIBatches,
 ) -> web.Application:
-    return Api(store, faults, api_key, log, received, anthropic).app()
+    return Api(store, faults, api_key, log, received, anthropic, xai).app()

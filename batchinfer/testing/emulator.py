@@ -17,6 +17,8 @@ from ._anthropic import AnthropicBatches
 from ._faults import Faults, FaultScripting
 from ._http import API_PREFIX, ReceivedRequest, build_app
 from ._state import TERMINAL, ScriptedFailure, Store
+from ._xai import PREFIX as XAI_PREFIX
+from ._xai import XAIBatches
 
 __all__ = ["Emulator", "ReceivedRequest"]
 
@@ -56,6 +58,7 @@ class Emulator(FaultScripting):
         self._store = Store(clock=clock, seed=seed, step_seconds=step_seconds)
         self._faults = Faults(seed=seed, ranges=ranges)
         self._anthropic = AnthropicBatches(self._store)
+        self._xai = XAIBatches(self._store)
         self.files: dict[str, bytes] = self._store.files
         self.batches: dict[str, dict[str, object]] = self._store.batches
         self.requests: list[tuple[str, str]] = []
@@ -78,6 +81,11 @@ class Emulator(FaultScripting):
         return self.base_url.removesuffix(API_PREFIX)
 
     @property
+    def xai_base_url(self) -> str:
+        """Where xAI's Batch API is served (``https://api.x.ai/v1`` on the real one)."""
+        return self.base_url.removesuffix(API_PREFIX) + XAI_PREFIX
+
+    @property
     def anthropic_base_url(self) -> str:
         """Where Anthropic's API is served (paths carry their ``/v1``, as on the real one)."""
         return self.base_url.removesuffix(API_PREFIX)
@@ -86,7 +94,13 @@ class Emulator(FaultScripting):
         if self._runner is not None:
             return
         app = build_app(
-            self._store, self._faults, self.api_key, self.requests, self.received, self._anthropic
+            self._store,
+            self._faults,
+            self.api_key,
+            self.requests,
+            self.received,
+            self._anthropic,
+            self._xai,
         )
         # A short shutdown grace: clients keep connections alive and tests should not wait on them.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -153,6 +167,9 @@ class Emulator(FaultScripting):
 
     async def advance(self, batch_id: str) -> str:
         """One step of the batch state machine; returns the new status."""
+        if batch_id in self._xai.batches:
+            self._xai.end(batch_id)
+            return "done"
         if batch_id in self._anthropic.batches:
             self._anthropic.end(batch_id)
             return self._anthropic.batches[batch_id].status
@@ -160,6 +177,9 @@ class Emulator(FaultScripting):
 
     async def process(self, batch_id: str, n: int | None = None) -> None:
         """Run the next ``n`` unprocessed requests (all when None) of an in_progress batch."""
+        if batch_id in self._xai.batches:
+            self._xai.process(batch_id, n)
+            return
         if batch_id in self._anthropic.batches:
             self._anthropic.process(batch_id, n)
             return
@@ -167,6 +187,9 @@ class Emulator(FaultScripting):
 
     async def finish(self, batch_id: str) -> None:
         """End the batch: run what is left (a cancelled one cancels it instead)."""
+        if batch_id in self._xai.batches:
+            self._xai.end(batch_id)
+            return
         if batch_id in self._anthropic.batches:
             self._anthropic.end(batch_id)
             return
@@ -176,6 +199,9 @@ class Emulator(FaultScripting):
     async def expire(self, batch_id: str) -> None:
         """Expire the batch now; requests not yet run become `batch_expired` error lines
         (Anthropic: ``expired`` results)."""
+        if batch_id in self._xai.batches:
+            self._xai.expire(batch_id)
+            return
         if batch_id in self._anthropic.batches:
             self._anthropic.expire(batch_id)
             return
