@@ -18,8 +18,10 @@ from typing import TextIO
 from batchinfer.client import BatchInfer
 from batchinfer.domain import Batch
 from batchinfer.providers.anthropic import AnthropicProvider
+from batchinfer.providers.azure import AzureOpenAIProvider
 from batchinfer.providers.base import Provider
 from batchinfer.providers.openai import OpenAIProvider
+from batchinfer.providers.xai import XAIProvider
 from batchinfer.testing import Emulator
 from batchinfer.testing.postgres import start_embedded_postgres
 
@@ -30,6 +32,8 @@ TOPICS = ("tides", "volcanoes", "bread", "comets", "bees", "glaciers", "jazz", "
 DEMO_PROVIDERS = {
     "openai": ("/v1/chat/completions", "gpt-4o-mini"),
     "anthropic": ("/v1/messages", "claude-haiku-4-5"),
+    "azure": ("/v1/chat/completions", "gpt-4o-mini"),
+    "xai": ("/v1/chat/completions", "grok-4"),
 }
 _SYSTEM = "You write one-sentence summaries."
 
@@ -89,6 +93,14 @@ async def run_demo(
                 api_key=emulator.api_key, base_url=emulator.anthropic_base_url
             )
             say(f"Anthropic-compatible emulator listening at {emulator.anthropic_base_url}")
+        elif provider == "azure":
+            adapter = AzureOpenAIProvider(
+                endpoint=emulator.azure_endpoint, api_key=emulator.api_key
+            )
+            say(f"Azure OpenAI-compatible emulator listening at {emulator.azure_endpoint}")
+        elif provider == "xai":
+            adapter = XAIProvider(api_key=emulator.api_key, base_url=emulator.xai_base_url)
+            say(f"xAI-compatible emulator listening at {emulator.xai_base_url}")
         else:
             adapter = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
             say(f"OpenAI-compatible emulator listening at {emulator.base_url}")

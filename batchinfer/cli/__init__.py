@@ -33,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run a whole batch against a local emulator and an embedded Postgres",
-        description="Create a batch of chat requests, submit it to the local emulator (OpenAI's "
-        "or Anthropic's batch API), "
+        description="Create a batch of chat requests, submit it to the local emulator (OpenAI's, "
+        "Anthropic's, Azure OpenAI's or xAI's batch API), "
         "show progress until it ends, then report counts, tokens and costs. Uses "
         f"${DATABASE_ENV} if set, else starts an embedded Postgres in a temporary directory.",
     )
@@ -50,13 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--provider",
-        choices=["openai", "anthropic"],
+        choices=["openai", "anthropic", "azure", "xai"],
         default="openai",
         help="whose batch API the emulator plays (default openai)",
     )
     demo.add_argument(
         "--model",
-        help="model name (default gpt-4o-mini; claude-haiku-4-5 with --provider anthropic)",
+        help="model name (default gpt-4o-mini; claude-haiku-4-5 for anthropic, grok-4 for xai)",
     )
 
     emulator = commands.add_parser(

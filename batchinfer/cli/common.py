@@ -23,14 +23,19 @@ from batchinfer.client import BatchInfer, redacted_url
 from batchinfer.domain import Batch, Completion, CompletionStatus
 from batchinfer.errors import SchemaNotReadyError
 from batchinfer.providers.anthropic import AnthropicProvider
+from batchinfer.providers.azure import AzureOpenAIProvider
 from batchinfer.providers.base import Provider
 from batchinfer.providers.openai import OpenAIProvider
+from batchinfer.providers.xai import XAIProvider
 
 DATABASE_ENV = "BATCHINFER_DATABASE_URL"
 #: Where each provider's key and base URL are read from, and its default URL.
 PROVIDERS: dict[str, tuple[str, str, str]] = {
     "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
     "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+    # Azure's base URL is the resource's endpoint (https://<resource>.openai.azure.com).
+    "azure": ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", ""),
+    "xai": ("XAI_API_KEY", "XAI_BASE_URL", "https://api.x.ai/v1"),
 }
 
 
@@ -97,13 +102,15 @@ def add_provider_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-key",
         metavar="KEY",
-        help="API key (default $OPENAI_API_KEY, or $ANTHROPIC_API_KEY with --provider anthropic)",
+        help="API key (default $OPENAI_API_KEY; $ANTHROPIC_API_KEY, $AZURE_OPENAI_API_KEY or "
+        "$XAI_API_KEY with the other providers)",
     )
     group.add_argument(
         "--base-url",
         metavar="URL",
-        help="API base URL (default $OPENAI_BASE_URL or $ANTHROPIC_BASE_URL, else the "
-        "provider's own)",
+        help="API base URL (default $OPENAI_BASE_URL, $ANTHROPIC_BASE_URL or $XAI_BASE_URL, "
+        "else the provider's own; for azure the resource's endpoint, default "
+        "$AZURE_OPENAI_ENDPOINT, with $OPENAI_API_VERSION for the classic API)",
     )
 
 
@@ -116,6 +123,18 @@ def provider_from(args: argparse.Namespace) -> Provider:
     base_url = args.base_url or os.environ.get(url_env) or default_url
     if name == "anthropic":
         return AnthropicProvider(api_key=api_key, base_url=base_url)
+    if name == "azure":
+        if not base_url:
+            raise CliError(
+                f"no Azure endpoint: give --base-url https://<resource>.openai.azure.com or set "
+                f"${url_env}",
+                code=2,
+            )
+        return AzureOpenAIProvider(
+            endpoint=base_url, api_key=api_key, api_version=os.environ.get("OPENAI_API_VERSION")
+        )
+    if name == "xai":
+        return XAIProvider(api_key=api_key, base_url=base_url)
     return OpenAIProvider(api_key=api_key, base_url=base_url)
 
 
