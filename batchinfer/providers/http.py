@@ -257,17 +257,26 @@ class HttpClient:
                 )
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
-    async def _request_json_once(
-        self, method: str, path: str, *, json: Any, data: Any, what: str
-    ) -> dict[str, Any]:
-        headers = await self.headers()
+    async def exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        what: str,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One call, unretried: its status, headers and body; an error answer raised as ours.
+        For protocols that answer in headers (a resumable upload's session URL)."""
+        sent = await self.headers(**dict(headers or {}))
         body: Any = data
         if json is not None:
             body = orjson.dumps(json)
-            headers["Content-Type"] = "application/json"
+            sent["Content-Type"] = "application/json"
         try:
             async with self._session_or_new().request(
-                method, self.url(path), data=body, headers=headers, ssl=self.ssl
+                method, self.url(path), data=body, headers=sent, ssl=self.ssl
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
@@ -279,14 +288,19 @@ class HttpClient:
                         url=str(resp.url),
                         dialect=self.dialect,
                     )
+                return resp.status, resp.headers.copy(), raw
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ProviderUnavailableError(f"{what} failed: {_describe(exc)}") from exc
+
+    async def _request_json_once(
+        self, method: str, path: str, *, json: Any, data: Any, what: str
+    ) -> dict[str, Any]:
+        status, _, raw = await self.exchange(method, path, json=json, data=data, what=what)
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise PermanentProviderError(
-                f"{what} returned a body that is not JSON (HTTP {resp.status})",
-                status=resp.status,
+                f"{what} returned a body that is not JSON (HTTP {status})", status=status
             ) from exc
         if not isinstance(parsed, dict):
             raise PermanentProviderError(f"{what} returned JSON that is not an object")
