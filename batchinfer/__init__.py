@@ -46,6 +46,7 @@ from batchinfer.pricing import Price
 from batchinfer.providers import (
     AnthropicProvider,
     AzureOpenAIProvider,
+    GeminiProvider,
     LiveProvider,
     OpenAIProvider,
     Provider,
@@ -71,6 +72,7 @@ __all__ = [
     "Completion",
     "CompletionStatus",
     "DataRejectedError",
+    "GeminiProvider",
     "InvalidBatchError",
     "InvalidRequestError",
     "JsonlError",

@@ -21,6 +21,7 @@ from batchinfer import (
     BatchInfer,
     BatchStatus,
     CompletionStatus,
+    GeminiProvider,
     OpenAIProvider,
     Provider,
     XAIProvider,
@@ -47,9 +48,11 @@ class Case:
     ranged: bool = True
     #: A cancel takes effect at once (nothing pending runs), rather than after a while.
     cancels_at_once: bool = False
+    #: The test id, when one provider is tested in two ways.
+    label: str = ""
 
     def __str__(self) -> str:
-        return self.name
+        return self.label or self.name
 
 
 def _messages(n: int) -> list[dict[str, Any]]:
@@ -69,6 +72,41 @@ def _azure(emulator: Emulator) -> Provider:
 
 def _xai_results(emulator: Emulator, provider_batch_id: str) -> str:
     return f"/xai/v1/batches/{provider_batch_id}/results"
+
+
+def _contents(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "custom_id": f"q{i}",
+            "body": {"contents": [{"role": "user", "parts": [{"text": f"question {i}"}]}]},
+        }
+        for i in range(n)
+    ]
+
+
+def _gemini(inline: bool) -> Case:
+    def results(emulator: Emulator, provider_batch_id: str) -> str:
+        if inline:
+            return f"/v1beta/{provider_batch_id}"
+        return f"/v1beta/files/batch-{provider_batch_id.removeprefix('batches/')}:download"
+
+    return Case(
+        name="gemini",
+        endpoint="generateContent",
+        model="gemini-2.5-flash",
+        make=lambda e: GeminiProvider(
+            api_key=e.api_key,
+            base_url=e.gemini_base_url,
+            inline_max_bytes=1 << 20 if inline else 0,
+        ),
+        requests=_contents,
+        create=("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent"),
+        poll=lambda pb: f"/v1beta/{pb}",
+        results=results,
+        ranged=not inline,
+        cancels_at_once=True,
+        label="gemini-inline" if inline else "gemini-file",
+    )
 
 
 CASES = [
@@ -114,6 +152,8 @@ CASES = [
         poll=lambda pb: f"/v1/messages/batches/{pb}",
         results=lambda e, pb: f"/v1/messages/batches/{pb}/results",
     ),
+    _gemini(inline=True),
+    _gemini(inline=False),
 ]
 
 

@@ -30,6 +30,7 @@ EXPECTED_ALL = [
     "Completion",
     "CompletionStatus",
     "DataRejectedError",
+    "GeminiProvider",
     "InvalidBatchError",
     "InvalidRequestError",
     "JsonlError",

@@ -32,9 +32,11 @@ __all__ = [
 ]
 
 API_PREFIX = "/v1"
-#: Downloads: a file's content (OpenAI), a batch's results (Anthropic).
+#: Downloads: a file's content (OpenAI, Azure), a batch's results (Anthropic), a generated
+#: file (Gemini).
 CONTENT_PATH = re.compile(
     r"^(/openai(/v1)?)?/files/[^/]+/content$|^/messages/batches/[^/]+/results$"
+    r"|^(/download)?/v1beta/files/[^/]+:download$"
 )
 # Long enough for any client timeout a test would script; short enough that a typo cannot hang CI.
 MAX_DELAY_SECONDS = 60.0

@@ -13,6 +13,7 @@ from . import fake_model
 from ._anthropic import PREFIX as ANTHROPIC_PREFIX
 from ._anthropic import AnthropicBatches, AnthropicRoutes, anthropic_error
 from ._faults import API_PREFIX, CONTENT_PATH, Faults
+from ._gemini import GeminiBatches, GeminiRoutes, google_error, is_gemini
 from ._state import CancelConflict, Store, page
 from ._wire import (
     Unsatisfiable,
@@ -96,6 +97,8 @@ def wire_error(
     """An error in the envelope of the API the request was made to."""
     if request.path.startswith(XAI_PREFIX + "/"):
         return xai_error(status, message)
+    if is_gemini(request):
+        return google_error(status, message, headers)
     if _is_anthropic(request):
         return anthropic_error(status, message, headers=headers)
     return error_response(status, message, headers=headers)
@@ -116,8 +119,10 @@ class Api:
         received: list[ReceivedRequest],
         anthropic: AnthropicBatches,
         xai: XAIBatches,
+        gemini: GeminiBatches,
     ) -> None:
         self.store = store
+        self.gemini = GeminiRoutes(gemini, api_key)
         self.anthropic = anthropic
         self.xai = xai
         self.faults = faults
@@ -150,6 +155,11 @@ class Api:
             app.router.add_post(f"{AZURE_CLASSIC}/deployments/{{deployment}}{route}", self.live)
         AnthropicRoutes(self.anthropic).add_to(app)
         XAIRoutes(self.xai).add_to(app)
+        self.gemini.add_to(app)
+        for prefix in ("", "/download"):
+            app.router.add_get(
+                f"{prefix}/v1beta/files/{{file_id:[^/:]+}}:download", self.gemini_download
+            )
         app.router.add_get(
             f"{ANTHROPIC_PREFIX}/batches/{{batch_id}}/results", self.anthropic_results
         )
@@ -241,6 +251,10 @@ class Api:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_gemini(request):
+            if not self.gemini.authorised(request):
+                return google_error(400, "API key not valid. Please pass a valid API key.")
+            return await handler(request)
         if request.path.startswith(XAI_PREFIX + "/"):
             if request.headers.get("Authorization") != f"Bearer {self.api_key}":
                 # xAI answers a wrong key with 400, not 401.
@@ -377,6 +391,11 @@ class Api:
             return anthropic_error(400, f"Batch {batch_id} has not ended; results come after.")
         return await self._serve(request, content, ("Batch", batch_id))
 
+    async def gemini_download(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        content = self.gemini.downloadable(file_id)
+        return await self._serve(request, content, ("File", f"files/{file_id}"))
+
     async def _serve(
         self, request: web.Request, content: bytes | None, what: tuple[str, str]
     ) -> web.StreamResponse:
@@ -387,6 +406,8 @@ class Api:
                 close_connection(request)
             if _is_anthropic(request):
                 return anthropic_error(404, f"No {what[0].lower()} found with id {what[1]!r}.")
+            if is_gemini(request):
+                return google_error(404, f"{what[0]} {what[1]} not found or not downloadable.")
             return not_found(*what)
         size = len(content)
         start, end, status = 0, size, 200
@@ -531,5 +552,6 @@ def build_app(
     received: list[ReceivedRequest],
     anthropic: AnthropicBatches,
     xai: XAIBatches,
+    gemini: GeminiBatches,
 ) -> web.Application:
-    return Api(store, faults, api_key, log, received, anthropic, xai).app()
+    return Api(store, faults, api_key, log, received, anthropic, xai, gemini).app()

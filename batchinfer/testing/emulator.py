@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ._anthropic import AnthropicBatches
 from ._faults import Faults, FaultScripting
+from ._gemini import GeminiBatches
 from ._http import API_PREFIX, ReceivedRequest, build_app
 from ._state import TERMINAL, ScriptedFailure, Store
 from ._xai import PREFIX as XAI_PREFIX
@@ -59,6 +60,7 @@ class Emulator(FaultScripting):
         self._faults = Faults(seed=seed, ranges=ranges)
         self._anthropic = AnthropicBatches(self._store)
         self._xai = XAIBatches(self._store)
+        self._gemini = GeminiBatches(self._store)
         self.files: dict[str, bytes] = self._store.files
         self.batches: dict[str, dict[str, object]] = self._store.batches
         self.requests: list[tuple[str, str]] = []
@@ -78,6 +80,12 @@ class Emulator(FaultScripting):
     def azure_endpoint(self) -> str:
         """The emulator as an Azure OpenAI resource (``https://<resource>.openai.azure.com``):
         ``/openai/v1/...``, and the classic ``/openai/...?api-version=``, with ``api-key``."""
+        return self.base_url.removesuffix(API_PREFIX)
+
+    @property
+    def gemini_base_url(self) -> str:
+        """Where Gemini's Developer API is served (its paths carry ``/v1beta``), as
+        ``https://generativelanguage.googleapis.com`` is."""
         return self.base_url.removesuffix(API_PREFIX)
 
     @property
@@ -101,6 +109,7 @@ class Emulator(FaultScripting):
             self.received,
             self._anthropic,
             self._xai,
+            self._gemini,
         )
         # A short shutdown grace: clients keep connections alive and tests should not wait on them.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -167,6 +176,9 @@ class Emulator(FaultScripting):
 
     async def advance(self, batch_id: str) -> str:
         """One step of the batch state machine; returns the new status."""
+        if batch_id in self._gemini.batches:
+            self._gemini.advance(batch_id)
+            return self._gemini.batches[batch_id].state
         if batch_id in self._xai.batches:
             self._xai.end(batch_id)
             return "done"
@@ -177,6 +189,9 @@ class Emulator(FaultScripting):
 
     async def process(self, batch_id: str, n: int | None = None) -> None:
         """Run the next ``n`` unprocessed requests (all when None) of an in_progress batch."""
+        if batch_id in self._gemini.batches:
+            self._gemini.process(batch_id, n)
+            return
         if batch_id in self._xai.batches:
             self._xai.process(batch_id, n)
             return
@@ -187,6 +202,9 @@ class Emulator(FaultScripting):
 
     async def finish(self, batch_id: str) -> None:
         """End the batch: run what is left (a cancelled one cancels it instead)."""
+        if batch_id in self._gemini.batches:
+            self._gemini.finish(batch_id)
+            return
         if batch_id in self._xai.batches:
             self._xai.end(batch_id)
             return
@@ -199,6 +217,9 @@ class Emulator(FaultScripting):
     async def expire(self, batch_id: str) -> None:
         """Expire the batch now; requests not yet run become `batch_expired` error lines
         (Anthropic: ``expired`` results)."""
+        if batch_id in self._gemini.batches:
+            self._gemini.expire(batch_id)
+            return
         if batch_id in self._xai.batches:
             self._xai.expire(batch_id)
             return

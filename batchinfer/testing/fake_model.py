@@ -610,3 +610,75 @@ def message(body: JSON, cache: set[str]) -> JSON:
             "service_tier": "standard",
         },
     }
+
+
+# ---- Google's Gemini API (generateContent, embedContent), camelCase as on the wire
+
+
+def _gemini_text(content: object) -> str:
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(parts, list):
+        return ""
+    return " ".join(
+        p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)
+    )
+
+
+def gemini_content(request: JSON, model: str) -> JSON:
+    """A GenerateContentResponse. ``generationConfig.maxOutputTokens`` cuts the answer short;
+    a ``thinkingConfig.thinkingBudget`` above 0 thinks for twice the visible tokens (counted
+    in ``thoughtsTokenCount``, apart from the candidates', as Gemini counts them)."""
+    contents = request.get("contents")
+    if not isinstance(contents, list) or not contents:
+        raise ModelError("* GenerateContentRequest.contents: contents is not specified")
+    prompt = _prompt_tokens(_gemini_text(request.get("systemInstruction")))
+    last_user = ""
+    for item in contents:
+        if not isinstance(item, dict):
+            raise ModelError("* GenerateContentRequest.contents: each content must be an object")
+        text = _gemini_text(item)
+        prompt += _prompt_tokens(text)
+        if item.get("role", "user") == "user":
+            last_user = text
+    config = request.get("generationConfig")
+    config = config if isinstance(config, dict) else {}
+    text, truncated = _output_budget(_echo(last_user).split(), config.get("maxOutputTokens"))
+    visible = _words(text)
+    thinking = config.get("thinkingConfig")
+    budget = thinking.get("thinkingBudget", 0) if isinstance(thinking, dict) else 0
+    thoughts = 2 * visible if isinstance(budget, int) and budget != 0 else 0
+    usage: JSON = {
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": visible,
+        "totalTokenCount": prompt + visible + thoughts,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}],
+    }
+    if thoughts:
+        usage["thoughtsTokenCount"] = thoughts
+    return {
+        "candidates": [
+            {
+                "content": {"parts": [{"text": text}], "role": "model"},
+                "finishReason": "MAX_TOKENS" if truncated else "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": usage,
+        "modelVersion": model.removeprefix("models/"),
+        "responseId": body_digest(request)[:22],
+    }
+
+
+def gemini_embedding(request: JSON) -> JSON:
+    """An EmbedContentResponse for one ``content``, as a batch's line gives it."""
+    content = request.get("content")
+    if not isinstance(content, dict):
+        raise ModelError("* EmbedContentRequest.content: content is not specified")
+    dimensions = request.get("outputDimensionality", DEFAULT_DIMENSIONS)
+    if not isinstance(dimensions, int) or dimensions < 1:
+        raise ModelError("* EmbedContentRequest.outputDimensionality: must be positive")
+    text = _gemini_text(content)
+    return {
+        "embedding": {"values": _vector(text, dimensions)},
+        "tokenCount": str(_prompt_tokens(text)),
+    }
