@@ -20,6 +20,7 @@ from batchinfer.domain import Batch
 from batchinfer.providers.anthropic import AnthropicProvider
 from batchinfer.providers.azure import AzureOpenAIProvider
 from batchinfer.providers.base import Provider
+from batchinfer.providers.gemini import GeminiProvider
 from batchinfer.providers.openai import OpenAIProvider
 from batchinfer.providers.xai import XAIProvider
 from batchinfer.testing import Emulator
@@ -34,6 +35,7 @@ DEMO_PROVIDERS = {
     "anthropic": ("/v1/messages", "claude-haiku-4-5"),
     "azure": ("/v1/chat/completions", "gpt-4o-mini"),
     "xai": ("/v1/chat/completions", "grok-4"),
+    "gemini": ("generateContent", "gemini-2.5-flash"),
 }
 _SYSTEM = "You write one-sentence summaries."
 
@@ -50,6 +52,12 @@ def demo_requests(n: int, provider: str = "openai") -> list[dict[str, object]]:
         body: dict[str, object]
         if provider == "anthropic":
             body = {"system": _SYSTEM, "messages": [ask], "max_tokens": 60}
+        elif provider == "gemini":
+            body = {
+                "systemInstruction": {"parts": [{"text": _SYSTEM}]},
+                "contents": [{"role": "user", "parts": [{"text": ask["content"]}]}],
+                "generationConfig": {"maxOutputTokens": 60},
+            }
         else:
             body = {"messages": [{"role": "system", "content": _SYSTEM}, ask]}
             body["max_completion_tokens"] = 60
@@ -98,6 +106,9 @@ async def run_demo(
                 endpoint=emulator.azure_endpoint, api_key=emulator.api_key
             )
             say(f"Azure OpenAI-compatible emulator listening at {emulator.azure_endpoint}")
+        elif provider == "gemini":
+            adapter = GeminiProvider(api_key=emulator.api_key, base_url=emulator.gemini_base_url)
+            say(f"Gemini-compatible emulator listening at {emulator.gemini_base_url}")
         elif provider == "xai":
             adapter = XAIProvider(api_key=emulator.api_key, base_url=emulator.xai_base_url)
             say(f"xAI-compatible emulator listening at {emulator.xai_base_url}")

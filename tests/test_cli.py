@@ -55,7 +55,7 @@ def test_migrate_reports_bad_arguments_and_unreachable_databases(
     assert "lower-case SQL identifier" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic", "azure", "xai"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "azure", "xai", "gemini"])
 async def test_demo_runs_a_batch_and_reports_costs(
     database_url: str, schema: str, provider: str
 ) -> None:

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run a whole batch against a local emulator and an embedded Postgres",
         description="Create a batch of chat requests, submit it to the local emulator (OpenAI's, "
-        "Anthropic's, Azure OpenAI's or xAI's batch API), "
+        "Anthropic's, Azure OpenAI's, xAI's or Gemini's batch API), "
         "show progress until it ends, then report counts, tokens and costs. Uses "
         f"${DATABASE_ENV} if set, else starts an embedded Postgres in a temporary directory.",
     )
@@ -50,13 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--provider",
-        choices=["openai", "anthropic", "azure", "xai"],
+        choices=["openai", "anthropic", "azure", "xai", "gemini"],
         default="openai",
         help="whose batch API the emulator plays (default openai)",
     )
     demo.add_argument(
         "--model",
-        help="model name (default gpt-4o-mini; claude-haiku-4-5 for anthropic, grok-4 for xai)",
+        help="model name (default gpt-4o-mini; claude-haiku-4-5 for anthropic, grok-4 for "
+        "xai, gemini-2.5-flash for gemini)",
     )
 
     emulator = commands.add_parser(

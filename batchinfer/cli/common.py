@@ -25,6 +25,7 @@ from batchinfer.errors import SchemaNotReadyError
 from batchinfer.providers.anthropic import AnthropicProvider
 from batchinfer.providers.azure import AzureOpenAIProvider
 from batchinfer.providers.base import Provider
+from batchinfer.providers.gemini import GeminiProvider
 from batchinfer.providers.openai import OpenAIProvider
 from batchinfer.providers.xai import XAIProvider
 
@@ -36,6 +37,7 @@ PROVIDERS: dict[str, tuple[str, str, str]] = {
     # Azure's base URL is the resource's endpoint (https://<resource>.openai.azure.com).
     "azure": ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", ""),
     "xai": ("XAI_API_KEY", "XAI_BASE_URL", "https://api.x.ai/v1"),
+    "gemini": ("GEMINI_API_KEY", "GEMINI_BASE_URL", "https://generativelanguage.googleapis.com"),
 }
 
 
@@ -102,13 +104,14 @@ def add_provider_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-key",
         metavar="KEY",
-        help="API key (default $OPENAI_API_KEY; $ANTHROPIC_API_KEY, $AZURE_OPENAI_API_KEY or "
-        "$XAI_API_KEY with the other providers)",
+        help="API key (default $OPENAI_API_KEY; $ANTHROPIC_API_KEY, $AZURE_OPENAI_API_KEY, "
+        "$XAI_API_KEY or $GEMINI_API_KEY with the other providers)",
     )
     group.add_argument(
         "--base-url",
         metavar="URL",
-        help="API base URL (default $OPENAI_BASE_URL, $ANTHROPIC_BASE_URL or $XAI_BASE_URL, "
+        help="API base URL (default $OPENAI_BASE_URL, $ANTHROPIC_BASE_URL, $XAI_BASE_URL or "
+        "$GEMINI_BASE_URL, "
         "else the provider's own; for azure the resource's endpoint, default "
         "$AZURE_OPENAI_ENDPOINT, with $OPENAI_API_VERSION for the classic API)",
     )
@@ -135,6 +138,8 @@ def provider_from(args: argparse.Namespace) -> Provider:
         )
     if name == "xai":
         return XAIProvider(api_key=api_key, base_url=base_url)
+    if name == "gemini":
+        return GeminiProvider(api_key=api_key, base_url=base_url)
     return OpenAIProvider(api_key=api_key, base_url=base_url)
 
 
