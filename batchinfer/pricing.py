@@ -157,7 +157,8 @@ def _lookup(provider: str, model: str) -> Price | Any | None:
         calc = genai_prices.calc_price(genai_prices.Usage(), model, provider_id=provider)
     except LookupError:
         logger.warning(
-            "batchinfer.price_unknown %s %s: its results get no cost (pass prices= to set one)",
+            "batchinfer.price_unknown %s %s: no price known; results priced by this name get no "
+            "cost (pass prices= to set one)",
             provider,
             model,
             extra={
