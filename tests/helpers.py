@@ -40,3 +40,25 @@ async def eventually(probe: Callable[[], Awaitable[object]], *, seconds: float =
 def calls(emulator: Emulator, method: str, path: str) -> int:
     """How many requests the emulator received for ``method path`` (query left out)."""
     return sum(1 for m, p in emulator.requests if m == method and p == path)
+
+
+class MemoryCheckpoint:
+    """A submit's checkpoint kept in memory, for a provider driven outside a BatchInfer."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.inputs: list[str] = []
+
+    @property
+    def input_ref(self) -> str | None:
+        return self.inputs[-1] if self.inputs else None
+
+    @property
+    def notes(self) -> dict[str, str]:
+        return self.values
+
+    async def record_input(self, ref: str) -> None:
+        self.inputs.append(ref)
+
+    async def note(self, **values: str) -> None:
+        self.values.update(values)

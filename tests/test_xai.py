@@ -22,7 +22,7 @@ from batchinfer import (
 )
 from batchinfer.domain import SubmitKey
 from batchinfer.testing import Emulator, FakeClock
-from tests.helpers import chat_requests
+from tests.helpers import MemoryCheckpoint, chat_requests
 
 CHAT = "/v1/chat/completions"
 MODEL = "grok-4"
@@ -124,7 +124,7 @@ async def test_a_submit_that_died_half_way_adds_only_the_rest(emulator: Emulator
         input_bytes=0,
         created_at=datetime.now(UTC),
     )
-    checkpoint = _Noted()
+    checkpoint = MemoryCheckpoint()
 
     async def dying() -> AsyncIterator[list[tuple[str, bytes]]]:
         yield bodies[:2]
@@ -143,8 +143,9 @@ async def test_a_submit_that_died_half_way_adds_only_the_rest(emulator: Emulator
         pb = await p.submit(whole, key=key, checkpoint=checkpoint)
         assert adds(emulator) == 3
         assert pb.request_counts.total == 5
+        assert checkpoint.inputs == []  # requests go inline: no file
         # With the notes lost as well, the container is found by name; re-adding is harmless.
-        again = await p.submit(whole, key=key, checkpoint=_Noted())
+        again = await p.submit(whole, key=key, checkpoint=MemoryCheckpoint())
         assert again.id == pb.id
         assert len(emulator._xai.batches) == 1
         assert again.request_counts.total == 5
@@ -193,22 +194,3 @@ def test_the_status_is_read_from_the_counters() -> None:
     assert status(cancel_time="2025-11-11", state={"num_pending": 1}) is BatchStatus.CANCELLING
     assert status(cancel_time="2025-11-11", state={"num_cancelled": 2}) is BatchStatus.CANCELLED
     assert status(state={"num_cancelled": 2, "num_success": 2}) is BatchStatus.EXPIRED
-
-
-class _Noted:
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    @property
-    def input_ref(self) -> str | None:
-        return None
-
-    @property
-    def notes(self) -> dict[str, str]:
-        return self.values
-
-    async def record_input(self, ref: str) -> None:
-        raise AssertionError("xAI uploads no file")
-
-    async def note(self, **values: str) -> None:
-        self.values.update(values)
