@@ -78,3 +78,45 @@ async def test_demo_runs_a_batch_and_reports_costs(
     assert "the same work live would cost" in text
     assert batch.total_cost is not None
     assert batch.total_cost > 0
+
+
+async def test_the_emulator_command_serves_every_provider_on_one_port() -> None:
+    """`batchinfer emulator` in a process of its own: each API it names answers its own
+    client's kind of request, with the key sent the way that API sends it."""
+    import asyncio
+    import socket
+    import sys
+
+    import aiohttp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchinfer.cli", "emulator", "--port", str(port),
+        "--api-key", "k", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(7)]
+        urls = {line.split()[0]: line.split("=")[1].split()[0] for line in lines if "=" in line}
+        assert set(urls) == {"OpenAI", "Azure", "Anthropic", "xAI", "Gemini"}
+        calls = [
+            (f"{urls['OpenAI']}/batches", {"Authorization": "Bearer k"}),
+            (f"{urls['Azure']}/openai/v1/batches", {"api-key": "k"}),
+            (
+                f"{urls['Anthropic']}/v1/messages/batches",
+                {"x-api-key": "k", "anthropic-version": "2023-06-01"},
+            ),
+            (f"{urls['xAI']}/batches", {"Authorization": "Bearer k"}),
+            (f"{urls['Gemini']}/v1beta/batches", {"x-goog-api-key": "k"}),
+        ]
+        async with aiohttp.ClientSession() as http:
+            for url, headers in calls:
+                async with http.get(url, headers=headers) as resp:
+                    assert resp.status == 200, (url, await resp.text())
+                async with http.get(url) as resp:
+                    assert resp.status in (400, 401), url  # no key: refused
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -62,16 +62,21 @@ def _parser() -> argparse.ArgumentParser:
 
     emulator = commands.add_parser(
         "emulator",
-        help="serve the OpenAI-compatible emulator for any client or SDK",
-        description="Serve OpenAI's Files, Batches and live endpoints with a deterministic fake "
-        "model at http://HOST:PORT/v1. Batches advance on their own every --step-seconds.",
+        help="serve the providers' emulator for any client or SDK",
+        description="Serve, with a deterministic fake model, on one port: OpenAI's Files, "
+        "Batches and live endpoints (http://HOST:PORT/v1), Azure OpenAI's (/openai/v1, and "
+        "/openai with api-version), Anthropic's Message Batches (http://HOST:PORT, paths "
+        "/v1/messages...), xAI's Batch API (/xai/v1) and Gemini's batch mode (/v1beta). "
+        "Batches advance on their own every --step-seconds.",
     )
     emulator.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
     emulator.add_argument("--port", type=int, default=8089, help="port (default 8089)")
     emulator.add_argument(
         "--step-seconds", type=float, default=2.0, help="seconds per batch status (default 2)"
     )
-    emulator.add_argument("--api-key", default="sk-emulator", help="accepted bearer key")
+    emulator.add_argument(
+        "--api-key", default="sk-emulator", help="the key accepted, however each API sends it"
+    )
 
     migrate = commands.add_parser(
         "migrate", help="create or upgrade the batchinfer tables in a database"
@@ -99,7 +104,12 @@ async def _emulator(host: str, port: int, step_seconds: float, api_key: str) -> 
             raise CliError(f"{where} is already in use; pick another port with --port") from None
         raise CliError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     async with emu:
-        print(f"Serving the OpenAI API emulator at {emu.base_url} (api key {api_key!r})")
+        print(f"Serving the batch API emulator (api key {api_key!r}):")
+        print(f"  OpenAI        base_url={emu.base_url}")
+        print(f"  Azure OpenAI  endpoint={emu.azure_endpoint}")
+        print(f"  Anthropic     base_url={emu.anthropic_base_url}")
+        print(f"  xAI           base_url={emu.xai_base_url}")
+        print(f"  Gemini        base_url={emu.gemini_base_url} (api_version v1beta)")
         print("Batches advance every", step_seconds, "s. Press Ctrl-C to stop.", flush=True)
         await asyncio.Event().wait()
 
