@@ -194,3 +194,16 @@ def test_the_status_is_read_from_the_counters() -> None:
     assert status(cancel_time="2025-11-11", state={"num_pending": 1}) is BatchStatus.CANCELLING
     assert status(cancel_time="2025-11-11", state={"num_cancelled": 2}) is BatchStatus.CANCELLED
     assert status(state={"num_cancelled": 2, "num_success": 2}) is BatchStatus.EXPIRED
+
+
+async def test_the_live_path(bi: BatchInfer, emulator: Emulator) -> None:
+    completion = await bi.complete(
+        provider="xai",
+        endpoint=CHAT,
+        model=MODEL,
+        body={"messages": [{"role": "user", "content": "hello"}]},
+    )
+    assert completion.output_text == "Echo: hello"
+    assert completion.total_cost is not None
+    assert completion.total_cost > 0
+    assert ("POST", "/xai/v1/chat/completions") in emulator.requests
