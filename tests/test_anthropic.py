@@ -96,6 +96,7 @@ async def test_a_batch_runs_end_to_end_with_errors_and_missing_entries(
     await emulator.finish(batch.provider_batch_id)
     done = await bi.wait(batch)
     assert done.status is BatchStatus.COMPLETED
+    assert done.provider_status == "ended"
     assert done.request_counts.total == 7  # the dropped one is in no count
     assert (done.request_counts.completed, done.request_counts.failed) == (6, 1)
 
@@ -432,3 +433,88 @@ def _pages(requests: list[dict[str, Any]]) -> Any:
         yield [(r["custom_id"], orjson.dumps({"model": MODEL, **r["body"]})) for r in requests]
 
     return pages
+
+
+async def test_the_anthropic_sdk_in_strict_mode_accepts_every_answer(emulator: Emulator) -> None:
+    """The official SDK, validating every response against its types, drives the emulator:
+    create, retrieve, list, results (which follows the absolute results_url), cancel, delete
+    and a live message, with succeeded, errored, canceled and expired lines."""
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(
+        api_key=emulator.api_key,
+        base_url=emulator.anthropic_base_url,
+        _strict_response_validation=True,
+        max_retries=0,
+    )
+    params: Any = {
+        "model": MODEL,
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    emulator.fail_request("b", status=400, message="bad")
+    async with client:
+        batch = await client.messages.batches.create(
+            requests=[{"custom_id": c, "params": params} for c in ("a", "b", "c")]
+        )
+        assert batch.processing_status == "in_progress"
+        assert batch.request_counts.processing == 3
+        await emulator.process(batch.id, 2)
+        other = await client.messages.batches.create(
+            requests=[{"custom_id": "z", "params": params}]
+        )
+        cancelled = await client.messages.batches.cancel(other.id)
+        assert cancelled.processing_status == "canceling"
+        listed = await client.messages.batches.list(limit=1)
+        assert [b.id for b in listed.data] == [other.id]
+        assert listed.has_more
+        await emulator.expire(batch.id)
+        await emulator.finish(other.id)
+        ended = await client.messages.batches.retrieve(batch.id)
+        assert ended.processing_status == "ended"
+        assert ended.results_url is not None
+        assert ended.request_counts.succeeded == 1
+        assert ended.request_counts.expired == 1
+        kinds = {
+            r.custom_id: r.result.type
+            async for r in await client.messages.batches.results(batch.id)
+        }
+        assert kinds == {"a": "succeeded", "b": "errored", "c": "expired"}
+        [z] = [r async for r in await client.messages.batches.results(other.id)]
+        assert z.result.type == "canceled"
+        deleted = await client.messages.batches.delete(other.id)
+        assert deleted.type == "message_batch_deleted"
+        message = await client.messages.create(**params)
+        assert message.content[0].type == "text"
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.batches.retrieve(other.id)
+
+
+async def test_a_worker_claims_only_batches_of_providers_it_knows(
+    bi: BatchInfer, engine: AsyncEngine, schema: str, emulator: Emulator
+) -> None:
+    """Two workers, one per provider, share one database: each drives its provider's batches
+    and leaves the other's alone, with no failed steps."""
+    anthropic_batch = await bi.create_batch(
+        provider="anthropic",
+        endpoint=MESSAGES,
+        model=MODEL,
+        requests=message_requests(3),
+        submit=True,
+    )
+    openai_batch = await bi.create_batch(
+        provider="openai",
+        endpoint="/v1/chat/completions",
+        model="gpt-4o-mini",
+        requests=chat_requests(3),
+        submit=True,
+    )
+    only_openai = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
+    async with BatchInfer(engine, providers=[only_openai], schema=schema) as other:
+        assert await other.worker().run_once() == 1
+    assert (await bi.get_batch(anthropic_batch)).provider_batch_id is None
+    submitted = await bi.get_batch(openai_batch)
+    assert submitted.provider_batch_id is not None
+    assert submitted.step_failures == 0
+    assert await bi.worker().run_once() == 1  # the Anthropic one; the OpenAI one is not due
+    assert (await bi.get_batch(anthropic_batch)).provider_batch_id is not None
