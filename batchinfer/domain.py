@@ -310,6 +310,9 @@ class Batch:
     #: and the last such failure.
     step_failures: int = 0
     last_error: StepFailure | None = None
+    #: The provider's own word for the status, as last polled (Anthropic's ``ended``, Gemini's
+    #: ``BATCH_STATE_SUCCEEDED``; for xAI, which has none, what its counters amount to).
+    provider_status: str | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -109,14 +109,15 @@ async def test_status_shows_one_batch_in_detail(
     assert code == 0
     fields = dict(line.split(": ", 1) for line in out.splitlines())
     assert fields["Batch"].strip() == str(batch.id)
-    assert fields["Status"].strip() == "completed"
+    assert fields["Status"].strip() == "completed (the provider says completed)"
     assert str(batch.provider_batch_id) in fields["Provider"]
     assert fields["Model"].strip() == MODEL
     assert fields["Requests"].strip().startswith("4 (")
     assert fields["Provider counts"].strip() == "3 completed, 1 failed of 4"
     assert fields["Input file"].strip() == batch.input_file_id
-    assert fields["Output file"].strip() == batch.output_file_id
-    assert fields["Error file"].strip() == batch.error_file_id
+    assert fields["Results"].strip() == (
+        f"output {batch.output_file_id}, error {batch.error_file_id}"
+    )
     assert fields["Results applied"].strip() != "-"
     assert fields["Completions"].strip() == "3 completed, 1 failed"
     assert fields["Cost"].strip().startswith(f"${batch.total_cost}"[:6])

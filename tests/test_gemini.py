@@ -68,6 +68,7 @@ async def run(bi: BatchInfer, emulator: Emulator, provider: str, requests: Any, 
 async def test_a_small_batch_goes_inline(bi: BatchInfer, emulator: Emulator) -> None:
     done = await run(bi, emulator, "gemini", contents(3))
     assert done.status is BatchStatus.COMPLETED
+    assert done.provider_status == "BATCH_STATE_SUCCEEDED"
     assert done.input_file_id is None
     assert calls(emulator, "POST", "/upload/v1beta/files") == 0
     [sent] = [r for r in emulator.received if r.path == CREATE]

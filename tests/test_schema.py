@@ -51,7 +51,7 @@ async def test_migrate_is_idempotent_and_safe_concurrently(
             await conn.execute(sa.text(f'SELECT version_num FROM "{schema}".alembic_version'))
         ).scalar_one()
     assert tables == {"alembic_version", "batches", "completions", "workers"}
-    assert version == "0005"
+    assert version == "0006"
     for c in clients:
         await c.aclose()
 

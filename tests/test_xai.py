@@ -74,6 +74,7 @@ async def test_requests_go_in_pages_and_results_arrive_while_it_runs(
     assert await worker.run_once() == 1
     done = await bi.get_batch(batch)
     assert done.status is BatchStatus.COMPLETED
+    assert done.provider_status == "done"
     assert (await bi.summary(batch))["by_status"] == {"completed": 10}
 
 

@@ -154,11 +154,24 @@ async def _status(args: argparse.Namespace, batch_id: uuid.UUID) -> tuple[Batch,
         return batch, await bi.summary(batch)
 
 
+def _sources(batch: Batch) -> str:
+    """Where the provider keeps the results, as it last said."""
+    sources = batch.result_sources
+    if sources is None:
+        return "- (not reported yet)"
+    listed = ", ".join(f"{s.key} {s.ref}" for s in sources.sources) or "none"
+    return listed + (f" (still to come: {sources.waiting_for})" if sources.waiting_for else "")
+
+
 def status_text(batch: Batch, summary: dict[str, Any]) -> str:
     counts = batch.request_counts
     fields: list[tuple[str, str]] = [
         ("Batch", str(batch.id)),
-        ("Status", batch.status.value),
+        (
+            "Status",
+            batch.status.value
+            + (f" (the provider says {batch.provider_status})" if batch.provider_status else ""),
+        ),
         ("Provider", f"{batch.provider}, batch {batch.provider_batch_id or '- (not submitted)'}"),
         ("Endpoint", batch.endpoint),
         ("Model", batch.model),
@@ -168,8 +181,7 @@ def status_text(batch: Batch, summary: dict[str, Any]) -> str:
             f"{counts.completed:,} completed, {counts.failed:,} failed of {counts.total:,}",
         ),
         ("Input file", batch.input_file_id or "-"),
-        ("Output file", batch.output_file_id or "-"),
-        ("Error file", batch.error_file_id or "-"),
+        ("Results", _sources(batch)),
         ("Created", _when(batch.created_at)),
         ("Submitted", _when(batch.submitted_at)),
         ("Ended", _when(batch.ended_at)),

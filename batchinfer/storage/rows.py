@@ -62,6 +62,7 @@ def provider_values(pb: ProviderBatch) -> dict[str, Any]:
         ),
         "provider_response": as_jsonb(pb.raw),
         "result_sources": as_jsonb(pb.results.to_json()),
+        "provider_status": _no_nul(pb.raw_status),
         # The provider answered: whatever failed before has passed.
         **STEP_WENT_THROUGH,
         "failure_reason": _no_nul(pb.failure_reason()),
@@ -221,6 +222,7 @@ def batch_from_row(row: sa.Row[Any]) -> Batch:
         submit_state=dict(m["submit_state"] or {}),
         step_failures=m["step_failures"],
         last_error=None if m["last_error"] is None else StepFailure(**m["last_error"]),
+        provider_status=m["provider_status"],
     )
 
 

@@ -110,6 +110,8 @@ batches = Table(
     # waiter in another process sees a batch nobody can move.
     Column("step_failures", Integer, nullable=False, server_default="0"),
     Column("last_error", JSONB),
+    # The provider's own word for the status ("ended", "BATCH_STATE_SUCCEEDED"), beside ours.
+    Column("provider_status", Text),
     CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     Index(
         "ix_batches_provider_provider_batch_id",
