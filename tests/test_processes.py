@@ -30,7 +30,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import batchinfer
-from batchinfer import BatchInfer, InvalidBatchError, OpenAIProvider, ProviderRejectedError
+from batchinfer import (
+    AnthropicProvider,
+    BatchInfer,
+    InvalidBatchError,
+    OpenAIProvider,
+    ProviderRejectedError,
+)
 from batchinfer.testing import Emulator
 from tests.helpers import chat_requests
 
@@ -557,6 +563,82 @@ async def test_a_killed_submit_blocks_a_retry_only_for_its_claim_and_pays_once(
         # The 429, then the child's create (after-create) or the retry's (before-create).
         assert posts(emulator, "/v1/batches") == 2
         assert took <= claim_seconds + 2
+
+
+async def test_an_anthropic_submit_killed_after_creating_is_reattached_not_paid_twice(
+    tmp_path: Path,
+    database_url: str,
+    engine: AsyncEngine,
+    schema: str,
+    emulator: Emulator,
+) -> None:
+    """Anthropic batches carry no tag: the child notes the time, its create gets a 429, and
+    while it waits this test locks the batch row; the child creates the batch once Retry-After
+    has passed, cannot record it, and is SIGKILLed. The retry finds the batch by the noted time
+    and its request count and re-attaches: one batch at Anthropic."""
+    db = Db(engine, schema)
+    create = "/v1/messages/batches"
+    anthropic = AnthropicProvider(api_key=emulator.api_key, base_url=emulator.anthropic_base_url)
+    async with (
+        BatchInfer(engine, providers=[anthropic], schema=schema, claim_seconds=2) as bi,
+        Children(tmp_path, database_url, schema, emulator) as kids,
+    ):
+        await bi.migrate()
+        requests = [
+            {
+                "custom_id": f"m{i}",
+                "body": {"max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]},
+            }
+            for i in range(5)
+        ]
+        batch = await bi.create_batch(
+            provider="anthropic",
+            endpoint="/v1/messages",
+            model="claude-haiku-4-5",
+            requests=requests,
+        )
+        emulator.fail_http("POST", create, 429, headers={"Retry-After": "1"})
+        child = await kids.start(
+            "submit_proc.py", "--batch", str(batch.id), "--provider", "anthropic",
+            "--base-url", emulator.anthropic_base_url,
+        )  # fmt: skip
+
+        async def noted_and_refused() -> bool:
+            row = await db.batch(batch.id)
+            return "create_started_at" in (row.submit_state or {}) and posts(emulator, create) == 1
+
+        await until(
+            noted_and_refused, "the create to be noted and refused", 15, guard=kids.check_alive
+        )
+        async with engine.connect() as locker:
+            await locker.execute(
+                sa.text(f'SELECT 1 FROM "{schema}".batches WHERE id = :id FOR UPDATE'),
+                {"id": batch.id},
+            )
+            await until(
+                sync(lambda: len(emulator._anthropic.batches) == 1),
+                "the child to create the batch",
+                10,
+                guard=kids.check_alive,
+            )
+            await kids.kill(child)
+            await locker.rollback()
+        assert (await db.batch(batch.id)).provider_batch_id is None
+
+        async def submitted() -> bool:
+            try:
+                await bi.submit_batch(batch.id)
+            except InvalidBatchError as exc:
+                if "being submitted by another caller" not in str(exc):
+                    raise
+                return False
+            return True
+
+        await until(submitted, "a retried submit to succeed", 6)
+        (made,) = emulator._anthropic.batches
+        row = await db.batch(batch.id)
+        assert row.provider_batch_id == made
+        assert posts(emulator, create) == 2  # the 429, then the killed child's create
 
 
 # -- SIGTERM -------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A process that submits one batch, for tests/test_processes.py:
-``python submit_proc.py --database URL --schema S --base-url U --api-key K --batch ID --log F``.
+``python submit_proc.py --database URL --schema S --base-url U --api-key K --batch ID --log F``
+(``--provider anthropic``, with that API's ``--base-url``, for an Anthropic batch).
 
 It runs ``await bi.submit_batch(ID)`` with ``BatchInfer(..., claim_seconds=--claim-seconds)``
 and logs to ``--log``; the test kills it part-way.
@@ -12,7 +13,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from batchinfer import BatchInfer, OpenAIProvider
+from batchinfer import AnthropicProvider, BatchInfer, OpenAIProvider, Provider
 
 logger = logging.getLogger("submit_proc")
 
@@ -26,11 +27,14 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--batch", required=True)
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--claim-seconds", type=float, default=2.0)
+    parser.add_argument("--provider", choices=["openai", "anthropic"], default="openai")
     return parser.parse_args()
 
 
 async def main(args: argparse.Namespace) -> None:
-    provider = OpenAIProvider(api_key=args.api_key, base_url=args.base_url)
+    provider: Provider = OpenAIProvider(api_key=args.api_key, base_url=args.base_url)
+    if args.provider == "anthropic":
+        provider = AnthropicProvider(api_key=args.api_key, base_url=args.base_url)
     async with BatchInfer(
         args.database,
         providers=[provider],
