@@ -402,3 +402,42 @@ async def test_run_takes_anthropic_lines_with_provider_anthropic(
     assert batch_posts(fast_emulator) == 0
     (batch,) = await stored_batches(database_url, schema)
     assert (batch.provider, batch.endpoint) == ("anthropic", "/v1/messages")
+
+
+async def test_run_takes_gemini_lines_with_provider_gemini(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    fast_emulator: Emulator,
+    database_url: str,
+    schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lines = [
+        {
+            "key": f"g{i}",
+            "request": {
+                "model": "models/gemini-2.5-flash",
+                "contents": [{"role": "user", "parts": [{"text": f"q{i}"}]}],
+            },
+        }
+        for i in range(3)
+    ]
+    source = write_input(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    monkeypatch.setenv("GEMINI_API_KEY", fast_emulator.api_key)
+    code, _, err = await cli(
+        capsys,
+        "run", str(source), "-o", str(output), "--provider", "gemini",
+        "--base-url", fast_emulator.gemini_base_url,
+        "--database", database_url, "--schema", schema, "--poll-interval", "0.05",
+    )  # fmt: skip
+    assert code == 0, err
+    written = read_jsonl(output)
+    assert [w["custom_id"] for w in written] == ["g0", "g1", "g2"]
+    assert written[0]["response"]["body"]["candidates"][0]["content"]["parts"][0]["text"] == (
+        "Echo: q0"
+    )
+    (batch,) = await stored_batches(database_url, schema)
+    assert (batch.provider, batch.endpoint) == ("gemini", "generateContent")
+    assert batch.total_cost is not None
+    assert batch.total_cost > 0

@@ -46,7 +46,8 @@ def add_parser(commands: Any) -> None:
         help="run a batch input file (OpenAI's JSONL format) and write its output file",
         description="Create a batch from FILE (one request per line: custom_id, method, url, "
         "body, as for OpenAI's Batches API; with --provider anthropic, Anthropic's "
-        "{custom_id, params} lines too), submit it, show its progress, then write one "
+        "{custom_id, params} lines too; with --provider gemini, Gemini's {key, request} lines, "
+        "each request naming its model), submit it, show its progress, then write one "
         "result per request, in request order, in OpenAI's output file format. Running the "
         "same command again (after Ctrl-C or a crash) re-attaches to the batch it started "
         "instead of submitting it twice. Exits 0 when the batch completed (failed requests "
@@ -171,6 +172,9 @@ def _parse_line(raw: bytes, path: Path, line_no: int) -> tuple[str, dict[str, An
     if "params" in item and "body" not in item:
         # Anthropic's shape of a batch request: {custom_id, params}, params being Messages params.
         item = {"custom_id": item.get("custom_id"), "url": "/v1/messages", "body": item["params"]}
+    elif "request" in item and "key" in item and "body" not in item:
+        # Gemini's line of a batch file: {key, request}, a GenerateContentRequest naming its model.
+        item = {"custom_id": item["key"], "url": "generateContent", "body": item["request"]}
     for key in ("custom_id", "body", "url"):
         if key not in item:
             raise _bad(path, line_no, f"no {key!r}; a line has custom_id, method, url and body")
