@@ -24,7 +24,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import stamina
 
 from batchinfer.domain import (
     BatchLimits,
@@ -50,11 +49,13 @@ from batchinfer.providers.common import (
     as_int,
     as_str,
     checked_api_key,
+    create_or_adopt,
     never,
+    read_paid,
     submit_event,
     warn_if_unverified,
 )
-from batchinfer.providers.http import ErrorDialect, HttpClient, retry_hook
+from batchinfer.providers.http import ErrorDialect, HttpClient
 
 logger = logging.getLogger(__name__)
 
@@ -200,25 +201,25 @@ class AnthropicProvider(HttpProvider[AnthropicRules]):
                 _create_body(requests), content_type="application/json"
             )
 
-        async for attempt in stamina.retry_context(
-            on=retry_hook, attempts=self._http.attempts, timeout=self._http.retry_timeout
-        ):
-            with attempt:
-                if attempt.num > 1:
-                    # The last try may have gone through with its answer lost.
-                    found = await self.find_created(key, since=since)
-                    if found is not None:
-                        submit_event(logger, "batch_adopted", key, provider_batch_id=found.id)
-                        return found
-                answer = await self._http.request_json(
-                    "POST",
-                    "/v1/messages/batches",
-                    data=body,
-                    what="creating the message batch",
-                    retry_on=never,
-                )
-                return self._batch(answer)
-        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+        async def create() -> ProviderBatch:
+            answer = await self._http.request_json(
+                "POST",
+                "/v1/messages/batches",
+                data=body,
+                what="creating the message batch",
+                retry_on=never,
+            )
+            return self._batch(answer)
+
+        # A try whose answer was lost may have created it: found by the time noted and count.
+        return await create_or_adopt(
+            self._http,
+            create,
+            lambda: self.find_created(key, since=since),
+            adopted=lambda found: submit_event(
+                logger, "batch_adopted", key, provider_batch_id=found.id
+            ),
+        )
 
     async def find_created(self, key: SubmitKey, *, since: datetime) -> ProviderBatch | None:
         """The batch an earlier try created, if any: made at or after ``since`` (less a few
@@ -463,18 +464,7 @@ def _usage(raw: Any) -> Usage:
 
 
 def _parse_paid(message: dict[str, Any]) -> ParsedResponse:
-    # A succeeded result was paid for: a body of an unexpected shape is kept whole.
-    try:
-        return parse_message(message)
-    except Exception as exc:
-        logger.warning(
-            "batchinfer.response_unreadable message kept whole: %s: %s",
-            type(exc).__name__,
-            exc,
-            exc_info=True,
-            extra={"batchinfer.event": "response_unreadable", "batchinfer.endpoint": MESSAGES},
-        )
-        return ParsedResponse(body=message)
+    return read_paid(parse_message, message, what=MESSAGES)
 
 
 def _batch_of_results(ref: str) -> str:

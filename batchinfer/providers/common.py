@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
-from batchinfer.domain import BatchLimits, SubmitKey
-from batchinfer.providers.http import HttpClient
+import stamina
+
+from batchinfer.domain import BatchLimits, JSONObject, ParsedResponse, SubmitKey
+from batchinfer.providers.http import HttpClient, retry_hook
 from batchinfer.validation import RequestRules
 
 logger = logging.getLogger("batchinfer.providers")
@@ -17,6 +20,7 @@ INT4_MAX = 2**31 - 1
 FAILURE_TEXT_LIMIT = 255
 
 R = TypeVar("R", bound=RequestRules)
+T = TypeVar("T")
 
 
 def checked_api_key(api_key: object, *, provider: str, variable: str) -> str:
@@ -79,6 +83,51 @@ class HttpProvider(Generic[R]):
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+async def create_or_adopt(
+    http: HttpClient,
+    create: Callable[[], Awaitable[T]],
+    find: Callable[[], Awaitable[T | None]],
+    *,
+    adopted: Callable[[T], None] = lambda _: None,
+    retry_on: Callable[[BaseException], bool | float] = retry_hook,
+) -> T:
+    """Make something the provider keeps or bills (a batch, an upload), retried while
+    ``retry_on`` says so. Making is not idempotent: an attempt whose answer was lost may have
+    made it, so before each retry ``find`` looks for it, and what it finds is adopted (and
+    ``adopted`` told) instead of being made twice. ``create`` itself must not retry."""
+    async for attempt in stamina.retry_context(
+        on=retry_on, attempts=http.attempts, timeout=http.retry_timeout
+    ):
+        with attempt:
+            if attempt.num > 1:
+                found = await find()
+                if found is not None:
+                    adopted(found)
+                    return found
+            return await create()
+    raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+
+def read_paid(
+    parse: Callable[[JSONObject], ParsedResponse], body: JSONObject, *, what: str
+) -> ParsedResponse:
+    """``parse(body)``, or the body kept whole when it cannot be read: a 2xx was paid for, so
+    an unexpected shape is never turned into a failure a later, fixed version could not
+    re-apply. ``what`` names the endpoint in the warning."""
+    try:
+        return parse(body)
+    except Exception as exc:
+        logger.warning(
+            "batchinfer.response_unreadable %s response kept whole: %s: %s",
+            what,
+            type(exc).__name__,
+            exc,
+            exc_info=True,
+            extra={"batchinfer.event": "response_unreadable", "batchinfer.endpoint": what},
+        )
+        return ParsedResponse(body=body)
 
 
 def never(exc: BaseException) -> bool:

@@ -21,7 +21,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import stamina
 
 from batchinfer.domain import (
     BatchLimits,
@@ -47,11 +46,13 @@ from batchinfer.providers.common import (
     as_int,
     as_str,
     checked_api_key,
+    create_or_adopt,
     never,
+    read_paid,
     submit_event,
     warn_if_unverified,
 )
-from batchinfer.providers.http import ErrorDialect, HttpClient, retry_hook
+from batchinfer.providers.http import ErrorDialect, HttpClient
 
 logger = logging.getLogger(__name__)
 
@@ -203,20 +204,20 @@ class GeminiProvider(HttpProvider[GeminiRules]):
                 _inline_body(display, requests), content_type="application/json"
             )
 
-        async for attempt in stamina.retry_context(
-            on=retry_hook, attempts=self._http.attempts, timeout=self._http.retry_timeout
-        ):
-            with attempt:
-                if attempt.num > 1:
-                    found = await self.find_named(display)
-                    if found is not None:
-                        submit_event(logger, "batch_adopted", key, provider_batch_id=found.id)
-                        return found
-                answer = await self._http.request_json(
-                    "POST", path, data=body, what="creating the batch", retry_on=never
-                )
-                return self._batch(answer)
-        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+        async def create() -> ProviderBatch:
+            answer = await self._http.request_json(
+                "POST", path, data=body, what="creating the batch", retry_on=never
+            )
+            return self._batch(answer)
+
+        return await create_or_adopt(
+            self._http,
+            create,
+            lambda: self.find_named(display),
+            adopted=lambda found: submit_event(
+                logger, "batch_adopted", key, provider_batch_id=found.id
+            ),
+        )
 
     async def _upload(self, requests: RequestPages, key: SubmitKey, display: str) -> str:
         """The resumable Files protocol: start a session, send the JSONL in chunks at their
@@ -497,11 +498,7 @@ def parse_content(endpoint: str, response: dict[str, Any]) -> ParsedResponse:
 
 
 def _parse_paid(endpoint: str, response: dict[str, Any]) -> ParsedResponse:
-    try:
-        return parse_content(endpoint, response)
-    except Exception:
-        logger.warning("batchinfer.response_unreadable Gemini response kept whole", exc_info=True)
-        return ParsedResponse(body=response)
+    return read_paid(lambda r: parse_content(endpoint, r), response, what=endpoint)
 
 
 def _count(values: dict[str, Any], name: str) -> int:

@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import stamina
 
 from batchinfer.domain import (
     BatchLimits,
@@ -43,7 +42,9 @@ from batchinfer.providers.common import (
     as_int,
     as_str,
     checked_api_key,
+    create_or_adopt,
     never,
+    read_paid,
     submit_event,
     warn_if_unverified,
 )
@@ -228,30 +229,30 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
             file_part.set_content_disposition("form-data", name="file", filename=filename)
             return writer
 
-        async for attempt in self._retries(retry_hook):
-            with attempt:
-                if attempt.num > 1:
-                    found = await self.find_input_file(filename)
-                    if found is not None:
-                        logger.info(
-                            "batchinfer.input_file_adopted %s: an earlier upload arrived",
-                            found,
-                            extra={"batchinfer.event": "input_file_adopted", "file_id": found},
-                        )
-                        return found
-                body = await self._http.request_json(
-                    "POST",
-                    "/files",
-                    data=multipart,
-                    what="uploading the batch input file",
-                    retry_on=never,
-                )
-                file_id = body.get("id")
-                if not isinstance(file_id, str):
-                    raise PermanentProviderError("the file upload answer has no file id")
-                self._remember(file_id)
-                return file_id
-        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+        async def upload() -> str:
+            body = await self._http.request_json(
+                "POST",
+                "/files",
+                data=multipart,
+                what="uploading the batch input file",
+                retry_on=never,
+            )
+            file_id = body.get("id")
+            if not isinstance(file_id, str):
+                raise PermanentProviderError("the file upload answer has no file id")
+            self._remember(file_id)
+            return file_id
+
+        def adopted(found: str) -> None:
+            logger.info(
+                "batchinfer.input_file_adopted %s: an earlier upload arrived",
+                found,
+                extra={"batchinfer.event": "input_file_adopted", "file_id": found},
+            )
+
+        return await create_or_adopt(
+            self._http, upload, lambda: self.find_input_file(filename), adopted=adopted
+        )
 
     async def find_input_file(self, filename: str) -> str | None:
         """The newest uploaded batch input file named ``filename``, if any."""
@@ -292,33 +293,37 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
                 return True  # the file we just uploaded is not visible everywhere yet
             return retry_hook(exc)
 
-        async for attempt in self._retries(retry_on):
-            with attempt:
-                if attempt.num > 1:
-                    found = await self.find_batch(metadata=metadata, max_batches=100)
-                    if found is not None:
-                        logger.info(
-                            "batchinfer.batch_adopted %s: an earlier create went through",
-                            found.id,
-                            extra={"batchinfer.event": "batch_adopted", "id": found.id},
-                        )
-                        return found
-                body = await self._http.request_json(
-                    "POST",
-                    "/batches",
-                    json={
-                        "input_file_id": input_file_id,
-                        "endpoint": self.wire_endpoint(endpoint),
-                        "completion_window": "24h",
-                        "metadata": metadata,
-                    },
-                    what="creating the batch",
-                    retry_on=never,
-                )
-                pb = self._batch(body)
-                self._remember(pb.id)
-                return pb
-        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+        async def create() -> ProviderBatch:
+            body = await self._http.request_json(
+                "POST",
+                "/batches",
+                json={
+                    "input_file_id": input_file_id,
+                    "endpoint": self.wire_endpoint(endpoint),
+                    "completion_window": "24h",
+                    "metadata": metadata,
+                },
+                what="creating the batch",
+                retry_on=never,
+            )
+            pb = self._batch(body)
+            self._remember(pb.id)
+            return pb
+
+        def adopted(found: ProviderBatch) -> None:
+            logger.info(
+                "batchinfer.batch_adopted %s: an earlier create went through",
+                found.id,
+                extra={"batchinfer.event": "batch_adopted", "id": found.id},
+            )
+
+        return await create_or_adopt(
+            self._http,
+            create,
+            lambda: self.find_batch(metadata=metadata, max_batches=100),
+            adopted=adopted,
+            retry_on=retry_on,
+        )
 
     async def retrieve_batch(self, provider_batch_id: str) -> ProviderBatch:
         body = await self._http.request_json(
@@ -349,11 +354,6 @@ class OpenAIProvider(HttpProvider[OpenAIRules]):
                 return None
             after = data[-1].get("id")
         return None
-
-    def _retries(self, on: Callable[[BaseException], bool | float]) -> Any:
-        return stamina.retry_context(
-            on=on, attempts=self._http.attempts, timeout=self._http.retry_timeout
-        )
 
     def _remember(self, object_id: str) -> None:
         if len(self._created) >= _FRESH_KEPT:
@@ -635,17 +635,4 @@ def _batch_error(raw: Any) -> ProviderBatchError:
 
 
 def _parse_paid(endpoint: str, body: dict[str, Any]) -> ParsedResponse:
-    # A 2xx was paid for: a body of an unexpected shape is kept whole, never turned into a
-    # failure that a later, fixed version could not re-apply.
-    try:
-        return parse_response(endpoint, body)
-    except Exception as exc:
-        logger.warning(
-            "batchinfer.response_unreadable %s response kept whole: %s: %s",
-            endpoint,
-            type(exc).__name__,
-            exc,
-            exc_info=True,
-            extra={"batchinfer.event": "response_unreadable", "batchinfer.endpoint": endpoint},
-        )
-        return ParsedResponse(body=body)
+    return read_paid(lambda b: parse_response(endpoint, b), body, what=endpoint)

@@ -12,6 +12,7 @@ ended is harmless (a re-add of the same request is a no-op at xAI).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -20,7 +21,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import stamina
 
 from batchinfer.domain import (
     BatchLimits,
@@ -47,11 +47,13 @@ from batchinfer.providers.common import (
     as_int,
     as_str,
     checked_api_key,
+    create_or_adopt,
     never,
+    read_paid,
     submit_event,
     warn_if_unverified,
 )
-from batchinfer.providers.http import ErrorDialect, HttpClient, retry_hook
+from batchinfer.providers.http import ErrorDialect, HttpClient
 from batchinfer.providers.openai import parse_response
 
 logger = logging.getLogger(__name__)
@@ -193,23 +195,18 @@ class XAIProvider(HttpProvider[XAIRules]):
 
     async def _create(self, name: str) -> str:
         """Creating is not idempotent: before a retry, the container is looked for by name."""
-        async for attempt in stamina.retry_context(
-            on=retry_hook, attempts=self._http.attempts, timeout=self._http.retry_timeout
-        ):
-            with attempt:
-                if attempt.num > 1:
-                    found = await self.find_named(name)
-                    if found is not None:
-                        return found
-                answer = await self._http.request_json(
-                    "POST", "/batches", json={"name": name}, what="creating the batch",
-                    retry_on=never,
-                )  # fmt: skip
-                batch_id = as_str(answer.get("batch_id"))
-                if not batch_id:
-                    raise PermanentProviderError("the created batch has no batch_id")
-                return batch_id
-        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+        async def create() -> str:
+            answer = await self._http.request_json(
+                "POST", "/batches", json={"name": name}, what="creating the batch",
+                retry_on=never,
+            )  # fmt: skip
+            batch_id = as_str(answer.get("batch_id"))
+            if not batch_id:
+                raise PermanentProviderError("the created batch has no batch_id")
+            return batch_id
+
+        return await create_or_adopt(self._http, create, lambda: self.find_named(name))
 
     async def _add(self, batch_id: str, page: Any) -> None:
         body = b'{"batch_requests":[' + b",".join(_request_item(c, b) for c, b in page) + b"]}"
@@ -370,13 +367,13 @@ class XAIProvider(HttpProvider[XAIRules]):
 
 
 def _parse_paid(completion: dict[str, Any]) -> ParsedResponse:
+    return read_paid(_read_completion, completion, what=CHAT)
+
+
+def _read_completion(completion: dict[str, Any]) -> ParsedResponse:
     """A chat completion, read as OpenAI's; xAI counts reasoning apart from completion tokens,
     ours includes it (see ``Usage``)."""
-    try:
-        parsed = parse_response(CHAT, completion)
-    except Exception:
-        logger.warning("batchinfer.response_unreadable xAI completion kept whole", exc_info=True)
-        return ParsedResponse(body=completion)
+    parsed = parse_response(CHAT, completion)
     usage = parsed.usage
     if usage.reasoning_tokens and usage.completion_tokens is not None:
         both = usage.completion_tokens + usage.reasoning_tokens
@@ -388,13 +385,7 @@ def _parse_paid(completion: dict[str, Any]) -> ParsedResponse:
             reasoning_tokens=usage.reasoning_tokens,
             cache_write_tokens=usage.cache_write_tokens,
         )
-    return ParsedResponse(
-        body=parsed.body,
-        output_text=parsed.output_text,
-        tool_calls=parsed.tool_calls,
-        finish_reason=parsed.finish_reason,
-        usage=usage,
-    )
+    return dataclasses.replace(parsed, usage=usage)
 
 
 def _costs(
