@@ -141,9 +141,7 @@ class ResultsPass:
                         f"{sources.waiting_for}; poll its status again before fetching (or pass "
                         "force=True to fail what is not there)"
                     )
-            seen = _Seen(since=await self.store.results.clock())
-            for source in sources.sources:
-                await self._apply_source(batch, source, seen, tally)
+            await self._apply_sources(batch, sources, tally)
         line_reasons: dict[int, str] = {}
         if batch.status is BatchStatus.FAILED:
             failure_error = f"{batch.provider} batch failed"
@@ -187,9 +185,7 @@ class ResultsPass:
             if batch.is_terminal or sources is None or not sources.while_running:
                 return None
             tally = _Tally()
-            seen = _Seen(since=await self.store.results.clock())
-            for source in sources.sources:
-                await self._apply_source(batch, source, seen, tally)
+            await self._apply_sources(batch, sources, tally)
         report = ApplyReport(**dataclasses.asdict(tally), swept=0)
         if report.applied:
             log("results_arrived", batch, status=batch.status.value, **dataclasses.asdict(report))
@@ -233,6 +229,12 @@ class ResultsPass:
             await self.store.batches.reschedule(batch.id, seconds=_DELETE_RETRY)
             return batch
         return await self.store.batches.record_files_deleted(batch.id)
+
+    async def _apply_sources(self, batch: Batch, sources: ResultSources, tally: _Tally) -> None:
+        """Every source, in order, as one pass: a custom_id met twice is a duplicate."""
+        seen = _Seen(since=await self.store.results.clock())
+        for source in sources.sources:
+            await self._apply_source(batch, source, seen, tally)
 
     async def _apply_source(
         self, batch: Batch, source: ResultSource, seen: _Seen, tally: _Tally
