@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import fake_model
 from ._state import Store
+from ._wire import json_response
 
 __all__ = ["PREFIX", "AnthropicBatches", "AnthropicRoutes", "anthropic_error"]
 
@@ -57,9 +58,7 @@ def anthropic_error(
         "error": {"type": kind, "message": message},
         "request_id": f"req_{random.getrandbits(96):024x}",
     }
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
+    return json_response(body, status=status, headers=headers)
 
 
 def _rfc3339(at: float | None) -> str | None:
@@ -115,7 +114,7 @@ class AnthropicBatches:
         step = self.store.step_seconds
         due = step is not None and self.store.clock() - batch.last_step_at >= step
         if due and batch.status != "ended":
-            self.end(batch.id)
+            self.finish(batch.id)
 
     def process(self, batch_id: str, n: int | None = None) -> None:
         batch = self.batches[batch_id]
@@ -127,7 +126,12 @@ class AnthropicBatches:
             batch.cursor += 1
             self._run(batch, custom_id, params)
 
-    def end(self, batch_id: str) -> None:
+    def advance(self, batch_id: str) -> str:
+        """One step: a batch here ends in one (see ``finish``)."""
+        self.finish(batch_id)
+        return self.batches[batch_id].status
+
+    def finish(self, batch_id: str) -> None:
         """Finish the batch: a cancelled one cancels what had not run, others run it all."""
         batch = self.batches[batch_id]
         if batch.status == "ended":
@@ -233,7 +237,7 @@ class AnthropicRoutes:
     def _base(request: web.Request) -> str:
         return f"{request.scheme}://{request.host}"
 
-    async def _json(self, request: web.Request) -> dict[str, Any] | web.Response:
+    async def json_response(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -248,19 +252,19 @@ class AnthropicRoutes:
         return self.batches.get(batch_id)
 
     async def live(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         try:
             message = fake_model.message(body, self.batches.cache)
         except fake_model.ModelError as exc:
             return anthropic_error(exc.status, exc.message)
-        return web.Response(body=orjson.dumps(message), content_type="application/json")
+        return json_response(message)
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         if (request.content_length or 0) > MAX_BYTES:
             return anthropic_error(413, "Request exceeds the maximum size of 256 MB.")
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         items = body.get("requests")
@@ -284,13 +288,13 @@ class AnthropicRoutes:
             seen.add(custom_id)
             requests.append((custom_id, params))
         batch = self.batches.create(requests)
-        return _json(self.batches.obj(batch, self._base(request)))
+        return json_response(self.batches.obj(batch, self._base(request)))
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         found = self._found(request.match_info["batch_id"])
         if isinstance(found, web.Response):
             return found
-        return _json(self.batches.obj(found, self._base(request)))
+        return json_response(self.batches.obj(found, self._base(request)))
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -313,7 +317,7 @@ class AnthropicRoutes:
         for batch in chunk:
             self.batches.tick(batch)
         data = [self.batches.obj(b, self._base(request)) for b in chunk]
-        return _json(
+        return json_response(
             {
                 "data": data,
                 "has_more": start + limit < len(ids),
@@ -328,7 +332,7 @@ class AnthropicRoutes:
             return found
         if found.status == "ended":
             return anthropic_error(409, f"Batch {found.id} has ended and cannot be canceled.")
-        return _json(self.batches.obj(self.batches.cancel(found.id), self._base(request)))
+        return json_response(self.batches.obj(self.batches.cancel(found.id), self._base(request)))
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         found = self._found(request.match_info["batch_id"])
@@ -337,8 +341,4 @@ class AnthropicRoutes:
         if found.status != "ended":
             return anthropic_error(400, "A batch can be deleted only once it has ended.")
         del self.batches.batches[found.id]
-        return _json({"id": found.id, "type": "message_batch_deleted"})
-
-
-def _json(payload: object) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+        return json_response({"id": found.id, "type": "message_batch_deleted"})

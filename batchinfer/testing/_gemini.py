@@ -21,6 +21,7 @@ from aiohttp import web
 
 from . import fake_model
 from ._state import Store
+from ._wire import json_response
 
 __all__ = ["GeminiBatches", "GeminiRoutes", "google_error", "is_gemini"]
 
@@ -46,9 +47,7 @@ def is_gemini(request: web.Request) -> bool:
 def google_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     code = _STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
     body = {"error": {"code": status, "message": message, "status": code}}
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
+    return json_response(body, status=status, headers=headers)
 
 
 def _time(at: float | None) -> str | None:
@@ -124,7 +123,7 @@ class GeminiBatches:
             self.advance(name)
         return batch
 
-    def advance(self, name: str) -> None:
+    def advance(self, name: str) -> str:
         batch = self.batches[name]
         if batch.state == "BATCH_STATE_PENDING":
             batch.state = "BATCH_STATE_RUNNING"
@@ -132,6 +131,7 @@ class GeminiBatches:
             self.process(name)
             self._close(batch, "BATCH_STATE_SUCCEEDED")
         batch.last_step_at = self.store.clock()
+        return batch.state
 
     def finish(self, name: str) -> None:
         while self.batches[name].ended is None:
@@ -262,7 +262,7 @@ class GeminiRoutes:
     def _base(request: web.Request) -> str:
         return f"{request.scheme}://{request.host}"
 
-    async def _json(self, request: web.Request) -> dict[str, Any] | web.Response:
+    async def json_response(self, request: web.Request) -> dict[str, Any] | web.Response:
         raw = await request.read()
         try:
             body = orjson.loads(raw) if raw else {}
@@ -277,7 +277,7 @@ class GeminiRoutes:
         upload_id = request.query.get("upload_id")
         store = self.batches
         if command == "start":
-            body = await self._json(request)
+            body = await self.json_response(request)
             if isinstance(body, web.Response):
                 return body
             given = body.get("file")
@@ -317,9 +317,8 @@ class GeminiRoutes:
         name = f"files/{store.store.new_id('')[:16]}"
         store.files[name] = GeminiFile(name, display, bytes(received), store.store.clock())
         store.store.born[name] = store.store.clock()
-        return web.Response(
-            body=orjson.dumps({"file": store.files[name].obj(self._base(request))}),
-            content_type="application/json",
+        return json_response(
+            {"file": store.files[name].obj(self._base(request))},
             headers={"x-goog-upload-status": "final"},
         )
 
@@ -332,18 +331,18 @@ class GeminiRoutes:
         found = self._file(request)
         if isinstance(found, web.Response):
             return found
-        return _json(found.obj(self._base(request)))
+        return json_response(found.obj(self._base(request)))
 
     async def list_files(self, request: web.Request) -> web.StreamResponse:
         files = sorted(self.batches.files.values(), key=lambda f: f.created, reverse=True)
-        return _json({"files": [f.obj(self._base(request)) for f in files]})
+        return json_response({"files": [f.obj(self._base(request)) for f in files]})
 
     async def delete_file(self, request: web.Request) -> web.StreamResponse:
         found = self._file(request)
         if isinstance(found, web.Response):
             return found
         del self.batches.files[found.name]
-        return _json({})
+        return json_response({})
 
     def downloadable(self, file_id: str) -> bytes | None:
         """A generated file's bytes (only those can be downloaded), else None."""
@@ -353,7 +352,7 @@ class GeminiRoutes:
     # ---- batches
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         batch = body.get("batch")
@@ -399,7 +398,7 @@ class GeminiRoutes:
         )
         self.batches.batches[name] = made
         self.batches.store.born[name] = now
-        return _json(self.batches.operation(made))
+        return json_response(self.batches.operation(made))
 
     def _batch(self, request: web.Request) -> GeminiBatch | web.Response:
         name = f"batches/{request.match_info['id']}"
@@ -411,7 +410,7 @@ class GeminiRoutes:
         found = self._batch(request)
         if isinstance(found, web.Response):
             return found
-        return _json(self.batches.operation(found))
+        return json_response(self.batches.operation(found))
 
     async def list_batches(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -430,32 +429,28 @@ class GeminiRoutes:
         page: dict[str, Any] = {"operations": ops}
         if start + size < len(newest):
             page["nextPageToken"] = str(start + size)
-        return _json(page)
+        return json_response(page)
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         found = self._batch(request)
         if isinstance(found, web.Response):
             return found
         self.batches.cancel(found.name)
-        return _json({})
+        return json_response({})
 
     async def delete_batch(self, request: web.Request) -> web.StreamResponse:
         found = self._batch(request)
         if isinstance(found, web.Response):
             return found
         del self.batches.batches[found.name]
-        return _json({})
+        return json_response({})
 
     async def live(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         try:
             answer = fake_model.gemini_content(body, f"models/{request.match_info['model']}")
         except fake_model.ModelError as exc:
             return google_error(exc.status, exc.message)
-        return _json(answer)
-
-
-def _json(payload: object) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+        return json_response(answer)

@@ -253,6 +253,10 @@ class Store:
             record.last_step_at = self.clock()
         return record.status
 
+    def finish(self, batch_id: str) -> None:
+        while self.record(batch_id).status not in TERMINAL:
+            self.advance(batch_id)
+
     def process(self, batch_id: str, n: int | None) -> None:
         record = self.record(batch_id)
         if record.status not in ("in_progress", "cancelling"):

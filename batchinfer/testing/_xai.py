@@ -20,6 +20,7 @@ from aiohttp import web
 
 from . import fake_model
 from ._state import Store
+from ._wire import json_response
 
 __all__ = ["PREFIX", "XAIBatches", "XAIRoutes", "xai_error"]
 
@@ -31,11 +32,7 @@ _DENIED = "The caller does not have permission to execute the specified operatio
 
 
 def xai_error(status: int, message: str, *, code: str = _INVALID) -> web.Response:
-    return web.Response(
-        body=orjson.dumps({"code": code, "error": message}),
-        status=status,
-        content_type="application/json",
-    )
+    return json_response({"code": code, "error": message}, status=status)
 
 
 def _date(at: float | None) -> str | None:
@@ -100,7 +97,12 @@ class XAIBatches:
         del batch.pending[:count]
         batch.last_step_at = self.store.clock()
 
-    def end(self, batch_id: str) -> None:
+    def advance(self, batch_id: str) -> str:
+        """One step: a batch here runs all it holds (see ``finish``); it has no status word."""
+        self.finish(batch_id)
+        return "done"
+
+    def finish(self, batch_id: str) -> None:
         self.process(batch_id)
 
     def expire(self, batch_id: str) -> None:
@@ -192,7 +194,7 @@ class XAIRoutes:
         app.router.add_get(f"{PREFIX}/batches/{{batch_id}}/results", self.results)
         app.router.add_post(f"{PREFIX}/chat/completions", self.live)
 
-    async def _json(self, request: web.Request) -> dict[str, Any] | web.Response:
+    async def json_response(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -208,13 +210,13 @@ class XAIRoutes:
         return self.batches.get(batch_id)
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         name = body.get("name")
         if not isinstance(name, str) or not name:
             return xai_error(400, "name is required")
-        return _json(self.batches.obj(self.batches.create(name)))
+        return json_response(self.batches.obj(self.batches.create(name)))
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         paged = _page(request)
@@ -224,7 +226,7 @@ class XAIRoutes:
         newest = sorted(self.batches.batches.values(), key=lambda b: b.created, reverse=True)
         chunk = newest[start : start + limit]
         more = start + limit < len(newest)
-        return _json(
+        return json_response(
             {
                 "batches": [self.batches.obj(self.batches.get(b.id)) for b in chunk],
                 "pagination_token": str(start + limit) if more else None,
@@ -233,14 +235,14 @@ class XAIRoutes:
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         found = self._found(request)
-        return found if isinstance(found, web.Response) else _json(self.batches.obj(found))
+        return found if isinstance(found, web.Response) else json_response(self.batches.obj(found))
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         found = self._found(request)
         if isinstance(found, web.Response):
             return found
         self.batches.cancel(found)
-        return _json(self.batches.obj(found))
+        return json_response(self.batches.obj(found))
 
     async def add(self, request: web.Request) -> web.StreamResponse:
         found = self._found(request)
@@ -250,7 +252,7 @@ class XAIRoutes:
             return xai_error(
                 403, "the batch was cancelled; no more requests can be added", code=_DENIED
             )
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         items: list[tuple[str, dict[str, Any]]] = []
@@ -272,7 +274,7 @@ class XAIRoutes:
         problem = self.batches.add(found, items)
         if problem is not None:
             return xai_error(412, problem, code="Precondition check failed")
-        return _json({})
+        return json_response({})
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         found = self._found(request)
@@ -288,19 +290,17 @@ class XAIRoutes:
             for i in ids[start : start + limit]
         ]
         more = start + limit < len(ids)
-        return _json({"results": rows, "pagination_token": str(start + limit) if more else None})
+        return json_response(
+            {"results": rows, "pagination_token": str(start + limit) if more else None}
+        )
 
     async def live(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
+        body = await self.json_response(request)
         if isinstance(body, web.Response):
             return body
         try:
-            return _json(
+            return json_response(
                 self.batches.store.answer("/v1/chat/completions", body, self.batches.store.now())
             )
         except fake_model.ModelError as exc:
             return xai_error(exc.status, exc.message)
-
-
-def _json(payload: object) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")

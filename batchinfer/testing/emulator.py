@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 import orjson
 from aiohttp import web
@@ -17,11 +18,24 @@ from ._anthropic import AnthropicBatches
 from ._faults import Faults, FaultScripting
 from ._gemini import GeminiBatches
 from ._http import API_PREFIX, ReceivedRequest, build_app
-from ._state import TERMINAL, ScriptedFailure, Store
+from ._state import ScriptedFailure, Store
 from ._xai import PREFIX as XAI_PREFIX
 from ._xai import XAIBatches
 
 __all__ = ["Emulator", "ReceivedRequest"]
+
+
+class _Engine(Protocol):
+    """What every provider's batch state machine answers, for the driving methods."""
+
+    def advance(self, batch_id: str) -> str: ...
+
+    def process(self, batch_id: str, n: int | None) -> None: ...
+
+    def finish(self, batch_id: str) -> None: ...
+
+    def expire(self, batch_id: str) -> None: ...
+
 
 _ERROR_KEYS = ("code", "message", "param", "line")
 
@@ -75,6 +89,21 @@ class Emulator(FaultScripting):
         if self._base_url is None:
             raise RuntimeError("Emulator.start() has not been awaited")
         return self._base_url
+
+    def base_url_for(self, provider: str) -> str:
+        """Where the named provider's API is served ("openai", "azure" (its endpoint),
+        "anthropic", "xai", "gemini")."""
+        urls = {
+            "openai": self.base_url,
+            "azure": self.azure_endpoint,
+            "anthropic": self.anthropic_base_url,
+            "xai": self.xai_base_url,
+            "gemini": self.gemini_base_url,
+        }
+        try:
+            return urls[provider]
+        except KeyError:
+            raise KeyError(f"the emulator serves no provider {provider!r}") from None
 
     @property
     def azure_endpoint(self) -> str:
@@ -174,59 +203,29 @@ class Emulator(FaultScripting):
 
     # ---- driving batches
 
+    def _engine(self, batch_id: str) -> _Engine:
+        """The state machine that holds this batch: each provider's, or OpenAI's (Azure's)."""
+        for engine in (self._anthropic, self._xai, self._gemini):
+            if batch_id in engine.batches:
+                return engine
+        return self._store
+
     async def advance(self, batch_id: str) -> str:
-        """One step of the batch state machine; returns the new status."""
-        if batch_id in self._gemini.batches:
-            self._gemini.advance(batch_id)
-            return self._gemini.batches[batch_id].state
-        if batch_id in self._xai.batches:
-            self._xai.end(batch_id)
-            return "done"
-        if batch_id in self._anthropic.batches:
-            self._anthropic.end(batch_id)
-            return self._anthropic.batches[batch_id].status
-        return self._store.advance(batch_id)
+        """One step of the batch's state machine; returns the new status."""
+        return self._engine(batch_id).advance(batch_id)
 
     async def process(self, batch_id: str, n: int | None = None) -> None:
-        """Run the next ``n`` unprocessed requests (all when None) of an in_progress batch."""
-        if batch_id in self._gemini.batches:
-            self._gemini.process(batch_id, n)
-            return
-        if batch_id in self._xai.batches:
-            self._xai.process(batch_id, n)
-            return
-        if batch_id in self._anthropic.batches:
-            self._anthropic.process(batch_id, n)
-            return
-        self._store.process(batch_id, n)
+        """Run the next ``n`` unprocessed requests (all when None) of a running batch."""
+        self._engine(batch_id).process(batch_id, n)
 
     async def finish(self, batch_id: str) -> None:
         """End the batch: run what is left (a cancelled one cancels it instead)."""
-        if batch_id in self._gemini.batches:
-            self._gemini.finish(batch_id)
-            return
-        if batch_id in self._xai.batches:
-            self._xai.end(batch_id)
-            return
-        if batch_id in self._anthropic.batches:
-            self._anthropic.end(batch_id)
-            return
-        while self._store.record(batch_id).status not in TERMINAL:
-            self._store.advance(batch_id)
+        self._engine(batch_id).finish(batch_id)
 
     async def expire(self, batch_id: str) -> None:
         """Expire the batch now; requests not yet run become `batch_expired` error lines
-        (Anthropic: ``expired`` results)."""
-        if batch_id in self._gemini.batches:
-            self._gemini.expire(batch_id)
-            return
-        if batch_id in self._xai.batches:
-            self._xai.expire(batch_id)
-            return
-        if batch_id in self._anthropic.batches:
-            self._anthropic.expire(batch_id)
-            return
-        self._store.expire(batch_id)
+        (Anthropic's: ``expired`` results; xAI's: errors; Gemini's: no result at all)."""
+        self._engine(batch_id).expire(batch_id)
 
     def anthropic_results(self, batch_id: str) -> list[dict[str, object]]:
         """An ended Anthropic batch's result lines, as its results URL serves them."""
