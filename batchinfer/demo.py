@@ -17,12 +17,7 @@ from typing import TextIO
 
 from batchinfer.client import BatchInfer
 from batchinfer.domain import Batch
-from batchinfer.providers.anthropic import AnthropicProvider
-from batchinfer.providers.azure import AzureOpenAIProvider
-from batchinfer.providers.base import Provider
-from batchinfer.providers.gemini import GeminiProvider
-from batchinfer.providers.openai import OpenAIProvider
-from batchinfer.providers.xai import XAIProvider
+from batchinfer.providers import provider_named
 from batchinfer.testing import Emulator
 from batchinfer.testing.postgres import start_embedded_postgres
 
@@ -95,26 +90,9 @@ async def run_demo(
             raise ValueError(f"no demo for provider {provider!r}: {', '.join(DEMO_PROVIDERS)}")
         endpoint, default_model = DEMO_PROVIDERS[provider]
         model = model or default_model
-        adapter: Provider
-        if provider == "anthropic":
-            adapter = AnthropicProvider(
-                api_key=emulator.api_key, base_url=emulator.anthropic_base_url
-            )
-            say(f"Anthropic-compatible emulator listening at {emulator.anthropic_base_url}")
-        elif provider == "azure":
-            adapter = AzureOpenAIProvider(
-                endpoint=emulator.azure_endpoint, api_key=emulator.api_key
-            )
-            say(f"Azure OpenAI-compatible emulator listening at {emulator.azure_endpoint}")
-        elif provider == "gemini":
-            adapter = GeminiProvider(api_key=emulator.api_key, base_url=emulator.gemini_base_url)
-            say(f"Gemini-compatible emulator listening at {emulator.gemini_base_url}")
-        elif provider == "xai":
-            adapter = XAIProvider(api_key=emulator.api_key, base_url=emulator.xai_base_url)
-            say(f"xAI-compatible emulator listening at {emulator.xai_base_url}")
-        else:
-            adapter = OpenAIProvider(api_key=emulator.api_key, base_url=emulator.base_url)
-            say(f"OpenAI-compatible emulator listening at {emulator.base_url}")
+        url = emulator.base_url_for(provider)
+        adapter = provider_named(provider, api_key=emulator.api_key, base_url=url)
+        say(f"Emulator of the {provider} batch API listening at {url}")
         # A few requests fail at the provider and two never come back, as in real batches.
         for i in range(7, requests, 97):
             emulator.fail_request(f"summary-{i:05d}", status=400, message="Invalid 'messages'.")

@@ -22,12 +22,8 @@ import orjson
 from batchinfer.client import BatchInfer, redacted_url
 from batchinfer.domain import Batch, Completion, CompletionStatus
 from batchinfer.errors import SchemaNotReadyError
-from batchinfer.providers.anthropic import AnthropicProvider
-from batchinfer.providers.azure import AzureOpenAIProvider
+from batchinfer.providers import provider_named
 from batchinfer.providers.base import Provider
-from batchinfer.providers.gemini import GeminiProvider
-from batchinfer.providers.openai import OpenAIProvider
-from batchinfer.providers.xai import XAIProvider
 
 DATABASE_ENV = "BATCHINFER_DATABASE_URL"
 #: Where each provider's key and base URL are read from, and its default URL.
@@ -124,23 +120,15 @@ def provider_from(args: argparse.Namespace) -> Provider:
     if not api_key:
         raise CliError(f"no API key: give --api-key or set ${key_env}", code=2)
     base_url = args.base_url or os.environ.get(url_env) or default_url
-    if name == "anthropic":
-        return AnthropicProvider(api_key=api_key, base_url=base_url)
-    if name == "azure":
-        if not base_url:
-            raise CliError(
-                f"no Azure endpoint: give --base-url https://<resource>.openai.azure.com or set "
-                f"${url_env}",
-                code=2,
-            )
-        return AzureOpenAIProvider(
-            endpoint=base_url, api_key=api_key, api_version=os.environ.get("OPENAI_API_VERSION")
+    if name == "azure" and not base_url:
+        raise CliError(
+            f"no Azure endpoint: give --base-url https://<resource>.openai.azure.com or set "
+            f"${url_env}",
+            code=2,
         )
-    if name == "xai":
-        return XAIProvider(api_key=api_key, base_url=base_url)
-    if name == "gemini":
-        return GeminiProvider(api_key=api_key, base_url=base_url)
-    return OpenAIProvider(api_key=api_key, base_url=base_url)
+    return provider_named(
+        name, api_key=api_key, base_url=base_url, api_version=os.environ.get("OPENAI_API_VERSION")
+    )
 
 
 def batch_id_from(text: str) -> uuid.UUID:
